@@ -1,0 +1,34 @@
+# The two commands: `make run` (the whole stack with a demo) and `make test` (the whole suite).
+# Both create .venv and install requirements.txt when needed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test install services-start services-stop services-status clean
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+		{ echo "AgentManager needs Python 3.11 or newer; run e.g. 'make run PYTHON=python3.12'."; exit 1; }
+	@test -x $(PY) || { echo "[am] Creating $(VENV)..."; $(PYTHON) -m venv $(VENV); }
+	@echo "[am] Installing requirements.txt into $(VENV) (first time: a minute or two)..."
+	@$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@$(PY) -m am_project.stack
+
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+services-start: $(STAMP)
+	@$(PY) -m am_project.embedded start
+
+services-stop: $(STAMP)
+	@$(PY) -m am_project.embedded stop
+
+services-status: $(STAMP)
+	@$(PY) -m am_project.embedded status

@@ -1,0 +1,166 @@
+"""`make run`: the whole stack in one terminal.
+
+1. PostgreSQL and Redis: DATABASE_URL / REDIS_URL when set, else the embedded
+   ones under var/ (started here, or attached to when already running).
+2. Migrate, make sure an admin user exists.
+3. Start daphne (HTTP and WebSocket), a Celery worker and Celery beat, with the
+   service URLs in their environment so they all use the same servers.
+4. Wait for /healthz, print the URLs; with AM_DEMO on, start the demo.
+5. On Ctrl-C (SIGINT) or SIGTERM, stop every process started here, and the
+   embedded servers if this run started them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from am_project import embedded
+from am_project.env import env_bool, env_int, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _say(message: str) -> None:
+    print(f"[am] {message}", flush=True)
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.started_postgres = False
+        self.started_redis = False
+        self.stopping = False
+
+    def services(self, env: dict[str, str]) -> None:
+        base = embedded.var_dir()
+        if env.get("DATABASE_URL"):
+            _say("PostgreSQL: DATABASE_URL")
+        else:
+            self.started_postgres = not embedded.postgres_running(base)
+            params = embedded.ensure_postgres(base)
+            env["DATABASE_URL"] = params.url
+            _say(f"PostgreSQL: embedded, data in {base / 'pgdata'}")
+        if env.get("REDIS_URL"):
+            _say("Redis: REDIS_URL")
+        else:
+            url = embedded.redis_url(base)
+            self.started_redis = not embedded._redis_answers(url)
+            env["REDIS_URL"] = embedded.ensure_redis(base)
+            _say(f"Redis: embedded, data in {base / 'redis'}")
+
+    def manage(self, env: dict[str, str], *args: str) -> None:
+        subprocess.run([sys.executable, "manage.py", *args], cwd=BASE_DIR, env=env, check=True)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        # Own process group: Ctrl-C in the terminal reaches us, and we stop children in order.
+        process = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
+        self.children.append((name, process))
+
+    def wait_healthy(self, url: str, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, process in self.children:
+                if process.poll() is not None:
+                    _say(f"{name} exited with code {process.returncode} during start-up; see its output above.")
+                    return False
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        _say(f"{url} did not answer 200 within {timeout:.0f} s.")
+        return False
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        _say("Stopping...")
+        for _name, process in reversed(self.children):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for name, process in reversed(self.children):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"{name} did not stop within 15 s; killing it.")
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        base = embedded.var_dir()
+        if self.started_redis:
+            embedded.stop_redis(base)
+            _say("Stopped the embedded Redis.")
+        if self.started_postgres:
+            embedded.stop_postgres(base)
+            _say("Stopped the embedded PostgreSQL.")
+        _say("Stopped.")
+
+
+def main() -> int:
+    host = env_str("HOST", "127.0.0.1")
+    port = env_int("PORT", 8000, minimum=1, maximum=65535)
+    demo = env_bool("AM_DEMO", True)
+    env = dict(os.environ)
+    env.setdefault("DJANGO_SETTINGS_MODULE", "am_project.settings")
+    env["PYTHONUNBUFFERED"] = "1"
+    stack = Stack()
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.services(env)
+        _say("Applying database migrations...")
+        stack.manage(env, "migrate", "--no-input", "-v", "0")
+        stack.manage(env, "ensure_admin")
+        python = sys.executable
+        stack.spawn("daphne", [python, "-m", "daphne", "-b", host, "-p", str(port), "am_project.asgi:application"], env)
+        stack.spawn(
+            "celery worker",
+            [python, "-m", "celery", "-A", "am_project", "worker", "-l", "info", "--concurrency", "2", "-n", "am@%h"],
+            env,
+        )
+        schedule = embedded.var_dir() / "celerybeat-schedule"
+        stack.spawn("celery beat", [python, "-m", "celery", "-A", "am_project", "beat", "-l", "info", "-s", str(schedule)], env)
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        base_url = f"http://{shown_host}:{port}"
+        if not stack.wait_healthy(f"{base_url}/healthz"):
+            stack.stop()
+            return 1
+        if demo:
+            stack.manage(env, "demo")
+        _say("AgentManager is up:")
+        _say(f"  dashboard  {base_url}/")
+        _say(f"  admin      {base_url}/admin/")
+        _say(f"  API docs   {base_url}/v1/docs")
+        _say(f"  health     {base_url}/healthz")
+        _say("Press Ctrl-C to stop.")
+        while True:
+            for name, process in stack.children:
+                if process.poll() is not None:
+                    _say(f"{name} exited with code {process.returncode}; stopping the stack.")
+                    stack.stop()
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        stack.stop()
+        return 0
+    except subprocess.CalledProcessError as exc:
+        _say(f"{' '.join(map(str, exc.cmd[1:]))} failed with code {exc.returncode}.")
+        stack.stop()
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

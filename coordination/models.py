@@ -1,0 +1,515 @@
+"""The coordination domain: workflows of steps, leases, results, audits, locks, events.
+
+Invariants live in the database wherever PostgreSQL can hold them (check and
+unique constraints, partial indexes), so that no code path, however it reaches
+the tables, can store a state the rest of the system cannot handle.
+Models carry no behaviour beyond small derived properties: every write goes
+through `coordination/services.py`.
+"""
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import F, Q
+
+ROLE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+role_validator = RegexValidator(ROLE_PATTERN, "A role is a slug: a-z, 0-9, '_' and '-', 1 to 64 characters.")
+key_validator = RegexValidator(
+    KEY_PATTERN, "A step key is 1 to 100 letters, digits, '_', '.', ':' or '-', starting with a letter or digit."
+)
+
+
+def _choices_check(field: str, choices: type[models.TextChoices], name: str) -> models.CheckConstraint:
+    return models.CheckConstraint(condition=Q(**{f"{field}__in": choices.values}), name=name)
+
+
+class Project(models.Model):
+    """The namespace of one shared workspace: file lock paths are relative to it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.SlugField(max_length=64, unique=True)
+    description = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Agent(models.Model):
+    """A worker identity: the roles it may pull, how many steps it may hold, its API token."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100, unique=True)
+    roles = ArrayField(models.CharField(max_length=64, validators=[role_validator]), default=list)
+    capacity = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    # SHA-256 of the bearer token; the token itself is shown once and never stored.
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    token_prefix = models.CharField(max_length=12, editable=False, help_text="First characters, to tell tokens apart.")
+    can_submit = models.BooleanField(default=False, help_text="May create and control workflows.")
+    enabled = models.BooleanField(default=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(capacity__gte=1), name="agent_capacity_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class UserToken(models.Model):
+    """An API token that acts as a person (a pipeline or script run on their behalf)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="am_tokens")
+    name = models.CharField(max_length=100)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    token_prefix = models.CharField(max_length=12, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} / {self.name}"
+
+
+class WorkflowStatus(models.TextChoices):
+    PLANNING = "planning"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AuditStatus(models.TextChoices):
+    PENDING = "pending"
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending"
+    READY = "ready"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+# The per-status step counters kept on the workflow, by step status.
+STEP_COUNTER_FIELDS = {status: f"n_{status}" for status in StepStatus.values}
+TERMINAL_STEP_STATUSES = frozenset(
+    {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED}
+)
+TERMINAL_WORKFLOW_STATUSES = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+
+
+class Workflow(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="workflows")
+    name = models.CharField(max_length=200)
+    goal = models.TextField(blank=True, default="")
+    status = models.CharField(max_length=16, choices=WorkflowStatus.choices, default=WorkflowStatus.RUNNING)
+    paused_reason = models.CharField(max_length=200, blank=True, default="")
+    failure_reason = models.TextField(blank=True, default="")
+    audit_status = models.CharField(max_length=16, choices=AuditStatus.choices, null=True, blank=True)
+    priority = models.IntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=3)
+    max_rework_rounds = models.PositiveIntegerField(default=1)
+    rework_round = models.PositiveIntegerField(default=0)
+    budget_usd = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
+    budget_tokens = models.BigIntegerField(null=True, blank=True)
+    spent_usd = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    spent_tokens = models.BigIntegerField(default=0)
+    metadata = models.JSONField(default=dict, blank=True)
+    synthesis = models.TextField(blank=True, default="")
+    created_by_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by_agent = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="submitted_workflows"
+    )
+    # Step counters by status, kept in the same transaction as every step change,
+    # so that the status endpoint costs the same for 10 steps or 10,000.
+    total_steps = models.PositiveIntegerField(default=0)
+    n_pending = models.IntegerField(default=0)
+    n_ready = models.IntegerField(default=0)
+    n_in_progress = models.IntegerField(default=0)
+    n_completed = models.IntegerField(default=0)
+    n_failed = models.IntegerField(default=0)
+    n_cancelled = models.IntegerField(default=0)
+    n_skipped = models.IntegerField(default=0)
+    # The last event sequence number handed out for this workflow.
+    event_seq = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["project", "status", "-created_at"], name="workflow_project_status"),
+            models.Index(fields=["status", "-created_at"], name="workflow_status_created"),
+        ]
+        constraints = [
+            _choices_check("status", WorkflowStatus, "workflow_status_valid"),
+            models.CheckConstraint(
+                condition=Q(audit_status__isnull=True) | Q(audit_status__in=AuditStatus.values),
+                name="workflow_audit_status_valid",
+            ),
+            models.CheckConstraint(condition=Q(max_attempts__gte=1), name="workflow_max_attempts_positive"),
+            models.CheckConstraint(
+                condition=Q(n_pending__gte=0)
+                & Q(n_ready__gte=0)
+                & Q(n_in_progress__gte=0)
+                & Q(n_completed__gte=0)
+                & Q(n_failed__gte=0)
+                & Q(n_cancelled__gte=0)
+                & Q(n_skipped__gte=0),
+                name="workflow_counters_non_negative",
+            ),
+            models.CheckConstraint(
+                condition=Q(
+                    total_steps=F("n_pending")
+                    + F("n_ready")
+                    + F("n_in_progress")
+                    + F("n_completed")
+                    + F("n_failed")
+                    + F("n_cancelled")
+                    + F("n_skipped")
+                ),
+                name="workflow_counters_sum_to_total",
+            ),
+            models.CheckConstraint(
+                condition=Q(budget_usd__isnull=True) | Q(budget_usd__gt=0), name="workflow_budget_usd_positive"
+            ),
+            models.CheckConstraint(
+                condition=Q(budget_tokens__isnull=True) | Q(budget_tokens__gt=0),
+                name="workflow_budget_tokens_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {status: getattr(self, field) for status, field in STEP_COUNTER_FIELDS.items()}
+
+    @property
+    def progress(self) -> float:
+        if not self.total_steps:
+            return 0.0
+        done = self.n_completed + self.n_failed + self.n_cancelled + self.n_skipped
+        return round(done / self.total_steps, 4)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_WORKFLOW_STATUSES
+
+
+class Step(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="steps")
+    key = models.CharField(max_length=100, validators=[key_validator])
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="")
+    role = models.CharField(max_length=64, validators=[role_validator])
+    status = models.CharField(max_length=16, choices=StepStatus.choices, default=StepStatus.PENDING)
+    priority = models.IntegerField(default=0)
+    # The workflow's priority, copied so that the ready-queue index orders by it.
+    workflow_priority = models.IntegerField(default=0)
+    attempt = models.PositiveIntegerField(default=0, help_text="Leases granted so far.")
+    max_attempts = models.PositiveIntegerField(default=3)
+    lease_ttl_s = models.PositiveIntegerField(default=120)
+    # Dependencies not completed yet; the step becomes ready when it reaches 0.
+    remaining_deps = models.PositiveIntegerField(default=0)
+    depends_on = models.ManyToManyField(
+        "self", through="StepDependency", symmetrical=False, related_name="dependents"
+    )
+    # Declared files: [{"path": "src/app.py", "mode": "write"}], locked with the lease.
+    files = models.JSONField(default=list, blank=True)
+    # Inputs added by the server (an auditor's feedback for rework, a reviewer's comment).
+    extra_inputs = models.JSONField(default=dict, blank=True)
+    final_result = models.TextField(blank=True, default="")
+    outputs = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, default="")
+    # When a ready step may be handed out (later than now during a retry backoff).
+    available_at = models.DateTimeField(null=True, blank=True)
+    # The current lease, while in progress.
+    lease_agent = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="leased_steps"
+    )
+    lease_token_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "key"]
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "key"], name="step_key_unique_in_workflow"),
+            _choices_check("status", StepStatus, "step_status_valid"),
+            models.CheckConstraint(condition=Q(role__regex=ROLE_PATTERN), name="step_role_is_slug"),
+            models.CheckConstraint(condition=Q(max_attempts__gte=1), name="step_max_attempts_positive"),
+            models.CheckConstraint(condition=Q(lease_ttl_s__gte=1), name="step_lease_ttl_positive"),
+            models.CheckConstraint(
+                condition=~Q(status=StepStatus.IN_PROGRESS)
+                | (Q(lease_agent__isnull=False) & Q(lease_expires_at__isnull=False) & ~Q(lease_token_hash="")),
+                name="step_in_progress_has_lease",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=StepStatus.READY) | Q(remaining_deps=0),
+                name="step_ready_has_no_open_deps",
+            ),
+        ]
+        indexes = [
+            # The pull: oldest ready step of the highest priority for a role. Partial,
+            # so its size follows the ready queue, not the history of finished steps.
+            models.Index(
+                F("role"),
+                F("workflow_priority").desc(),
+                F("priority").desc(),
+                F("available_at").asc(),
+                name="step_ready_queue",
+                condition=Q(status=StepStatus.READY),
+            ),
+            # The sweep: leases past their expiry.
+            models.Index(
+                fields=["lease_expires_at"],
+                name="step_lease_expiry",
+                condition=Q(status=StepStatus.IN_PROGRESS),
+            ),
+            models.Index(fields=["lease_agent"], name="step_leased_by", condition=Q(status=StepStatus.IN_PROGRESS)),
+            models.Index(fields=["workflow", "status"], name="step_workflow_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.name}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STEP_STATUSES
+
+
+class StepDependency(models.Model):
+    """An edge of the DAG: `step` waits for `depends_on`."""
+
+    id = models.BigAutoField(primary_key=True)
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="+")
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="upstream_edges")
+    depends_on = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="downstream_edges")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["step", "depends_on"], name="step_dependency_unique"),
+            models.CheckConstraint(condition=~Q(step=F("depends_on")), name="step_dependency_not_self"),
+        ]
+        indexes = [models.Index(fields=["depends_on"], name="step_dependency_upstream")]
+
+
+class AttemptOutcome(models.TextChoices):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRY = "retry", "failed, retryable"
+    EXPIRED = "expired", "lease expired"
+    CANCELLED = "cancelled"
+    RELEASED = "released", "handed back"
+
+
+class Attempt(models.Model):
+    """One lease of a step to an agent: the history of who held it and how it ended."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="attempts")
+    agent = models.ForeignKey(Agent, null=True, on_delete=models.SET_NULL, related_name="attempts")
+    number = models.PositiveIntegerField()
+    lease_token_hash = models.CharField(max_length=64, editable=False)
+    idempotency_key = models.CharField(max_length=200, blank=True, default="")
+    started_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, blank=True, default="")
+
+    class Meta:
+        ordering = ["step", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["step", "number"], name="attempt_number_unique"),
+            models.CheckConstraint(
+                condition=Q(outcome="") | Q(outcome__in=AttemptOutcome.values), name="attempt_outcome_valid"
+            ),
+            # At most one open attempt per step: the database refuses a second lease.
+            models.UniqueConstraint(fields=["step"], condition=Q(ended_at__isnull=True), name="attempt_one_open"),
+        ]
+        indexes = [
+            models.Index(
+                fields=["agent", "idempotency_key"],
+                name="attempt_idempotency",
+                condition=~Q(idempotency_key=""),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step_id} #{self.number}"
+
+
+class Iteration(models.Model):
+    """One Reason+Act iteration of an attempt: streamed by heartbeats, completed by the report."""
+
+    id = models.BigAutoField(primary_key=True)
+    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="iterations")
+    index = models.PositiveIntegerField()
+    thought = models.TextField(blank=True, default="")
+    action = models.TextField(blank=True, default="")
+    observation = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["attempt", "index"]
+        constraints = [models.UniqueConstraint(fields=["attempt", "index"], name="iteration_unique")]
+
+
+class Result(models.Model):
+    """What an attempt reported: the answer, its Reason+Act history (`attempt.iterations`) and its cost."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    attempt = models.OneToOneField(Attempt, on_delete=models.CASCADE, related_name="result")
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="results")
+    status = models.CharField(max_length=16, choices=[("completed", "completed"), ("failed", "failed")])
+    final_result = models.TextField(blank=True, default="")
+    outputs = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, default="")
+    retryable = models.BooleanField(default=False)
+    model = models.CharField(max_length=200, blank=True, default="")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    execution_time_s = models.FloatField(null=True, blank=True)
+    # The exact answer given to the report, returned again to a repeated report.
+    response = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=["completed", "failed"]), name="result_status_valid"),
+            models.CheckConstraint(
+                condition=Q(prompt_tokens__gte=0) & Q(completion_tokens__gte=0) & Q(cost_usd__gte=0),
+                name="result_usage_non_negative",
+            ),
+        ]
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class AuditReport(models.Model):
+    """The judgement of a finished workflow, as the original AgentManager design has it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="audits")
+    round = models.PositiveIntegerField(default=0, help_text="Rework round the audit judged.")
+    successful = models.BooleanField()
+    feedback = models.TextField(blank=True, default="")
+    # [{"step": "B", "reason": "..."}]: the steps to send back, and why.
+    rework_suggestions = models.JSONField(default=list, blank=True)
+    confidence = models.FloatField(default=0.0)
+    steps_reviewed = models.JSONField(default=list, blank=True)
+    criteria = models.JSONField(default=list, blank=True)
+    # The deterministic checks run: [{"name": "...", "passed": true, "detail": "..."}].
+    checks = models.JSONField(default=list, blank=True)
+    reviewer = models.CharField(max_length=200, blank=True, default="", help_text="The LLM model, or 'checks'.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(confidence__gte=0.0) & Q(confidence__lte=1.0), name="audit_confidence_in_unit_range"
+            ),
+        ]
+
+
+class LockMode(models.TextChoices):
+    READ = "read"
+    WRITE = "write"
+
+
+class FileLock(models.Model):
+    """A grant of a path in a project's workspace: read (shared) or write (alone).
+
+    Rows are kept after release, so the grant history (acquired, released or
+    expired) can be audited; a lock is live while `released_at` is null and
+    `expires_at` is in the future.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="locks")
+    # Normalised, relative, POSIX; a directory lock ends with "/".
+    path = models.CharField(max_length=1024)
+    mode = models.CharField(max_length=8, choices=LockMode.choices)
+    agent = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="locks")
+    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="locks")
+    fencing = models.BigIntegerField()
+    acquired_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    released_at = models.DateTimeField(null=True, blank=True)
+    release_reason = models.CharField(max_length=32, blank=True, default="")
+
+    class Meta:
+        ordering = ["path", "acquired_at"]
+        constraints = [
+            _choices_check("mode", LockMode, "lock_mode_valid"),
+            models.UniqueConstraint(fields=["project", "path", "fencing"], name="lock_fencing_unique_per_path"),
+            models.CheckConstraint(condition=~Q(path="") & ~Q(path__startswith="/"), name="lock_path_relative"),
+        ]
+        indexes = [
+            models.Index(fields=["project", "path"], name="lock_live_by_path", condition=Q(released_at__isnull=True)),
+            models.Index(fields=["expires_at"], name="lock_live_expiry", condition=Q(released_at__isnull=True)),
+            models.Index(fields=["step"], name="lock_live_by_step", condition=Q(released_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.mode} {self.path}"
+
+
+class Event(models.Model):
+    """Append-only log of every state change, numbered per workflow (`seq`)."""
+
+    id = models.BigAutoField(primary_key=True)
+    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    seq = models.BigIntegerField(null=True, blank=True)
+    kind = models.CharField(max_length=64)
+    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    agent = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    data = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "seq"], name="event_seq_unique_per_workflow"),
+            models.CheckConstraint(
+                condition=Q(workflow__isnull=True, seq__isnull=True) | Q(workflow__isnull=False, seq__gte=1),
+                name="event_seq_iff_workflow",
+            ),
+        ]
+        indexes = [models.Index(fields=["-at"], name="event_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.seq}"

@@ -1,0 +1,57 @@
+"""The database itself refuses states the code must never produce."""
+
+import pytest
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from coordination import services
+from coordination.models import Attempt, Step, StepDependency, StepStatus, Workflow
+from coordination.tests.factories import step, workflow_spec
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def workflow() -> Workflow:
+    return services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+
+
+def _refused(fn) -> None:
+    with pytest.raises(IntegrityError):
+        with transaction.atomic():
+            fn()
+
+
+class ConstraintTests:
+    def test_it_refuses_a_duplicate_key_in_a_workflow(self, workflow):
+        _refused(lambda: Step.objects.create(workflow=workflow, key="A", name="again", role="developer"))
+
+    def test_it_allows_the_same_key_in_another_workflow(self, workflow):
+        other = services.workflow_create(spec=workflow_spec(step("A")))
+        assert Step.objects.filter(key="A").count() == 2
+        assert other.id != workflow.id
+
+    def test_it_refuses_an_in_progress_step_without_a_lease(self, workflow):
+        _refused(lambda: Step.objects.filter(workflow=workflow, key="A").update(status=StepStatus.IN_PROGRESS))
+
+    def test_it_refuses_a_ready_step_with_open_dependencies(self, workflow):
+        _refused(lambda: Step.objects.filter(workflow=workflow, key="B").update(status=StepStatus.READY))
+
+    def test_it_refuses_an_unknown_status(self, workflow):
+        _refused(lambda: Step.objects.filter(workflow=workflow, key="A").update(status="done"))
+
+    def test_it_refuses_a_bad_role(self, workflow):
+        _refused(lambda: Step.objects.filter(workflow=workflow, key="A").update(role="Not A Slug"))
+
+    def test_it_refuses_counters_that_do_not_add_up(self, workflow):
+        _refused(lambda: Workflow.objects.filter(id=workflow.id).update(n_ready=5))
+
+    def test_it_refuses_a_self_dependency(self, workflow):
+        a = Step.objects.get(workflow=workflow, key="A")
+        _refused(lambda: StepDependency.objects.create(workflow=workflow, step=a, depends_on=a))
+
+    def test_it_refuses_a_second_open_attempt(self, workflow):
+        a = Step.objects.get(workflow=workflow, key="A")
+        expires = timezone.now()
+        Attempt.objects.create(step=a, number=1, lease_token_hash="x" * 64, expires_at=expires)
+        _refused(lambda: Attempt.objects.create(step=a, number=2, lease_token_hash="y" * 64, expires_at=expires))

@@ -1,0 +1,30 @@
+import pytest
+
+from coordination import health
+
+pytestmark = pytest.mark.django_db
+
+
+class HealthzTests:
+    def test_it_answers_200_with_both_versions(self, client):
+        response = client.get("/healthz")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "ok"
+        assert body["database"]["ok"] and body["database"]["version"][:2].isdigit()
+        assert body["redis"]["ok"] and body["redis"]["version"][0].isdigit()
+        assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
+
+    def test_it_answers_503_naming_redis_when_redis_is_down(self, client, settings, tmp_path):
+        settings.REDIS_URL = f"unix://{tmp_path}/nothing-here.sock"
+        health._redis_client.cache_clear()
+        try:
+            response = client.get("/healthz")
+        finally:
+            health._redis_client.cache_clear()
+        assert response.status_code == 503
+        body = response.json()
+        assert body["error"] == "unavailable"
+        assert body["down"] == ["Redis"]
+        assert "Redis" in body["detail"]
+        assert body["database"]["ok"] is True
