@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_htmx",
     "channels",
     "coordination",
@@ -176,15 +177,35 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("AM_MAX_BODY_BYTES", 2 * 1024 * 1024, mini
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["coordination.api.parsers.LimitedJSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "coordination.api.auth.BearerTokenAuthentication",
+        "coordination.api.auth.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["coordination.api.auth.IsAuthenticated"],
+    "EXCEPTION_HANDLER": "coordination.api.errors.exception_handler",
+    "COERCE_DECIMAL_TO_STRING": False,
     "UNAUTHENTICATED_USER": None,
 }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "AgentManager worker API",
-    "DESCRIPTION": "Coordination server for teams of LLM agents: workflows, steps, leases, file locks.",
+    "DESCRIPTION": (
+        "The contract between AgentManager and the workers that run agents (shared/api-v1.md). "
+        "Authenticate with `Authorization: Bearer <token>`. Every error is "
+        '`{"error": "<code>", "detail": "<sentence>"}`.'
+    ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+    },
+    "SECURITY": [{"bearerAuth": []}],
 }
 
 # AgentManager knobs.

@@ -85,3 +85,12 @@ def publish_event(event: Event) -> None:
     except Exception:  # noqa: BLE001 - a broken broadcast must not undo a committed change
         logger.warning("Could not publish event %s (%s); dashboards will catch up from the log.",
                        event.id, event.kind, exc_info=True)
+
+
+def event_record_many(events: list[Event]) -> list[Event]:
+    """Insert events whose `seq` the caller allocated; publish them, in order, after commit."""
+    if not events:
+        return events
+    created = Event.objects.bulk_create(events)
+    transaction.on_commit(lambda: [publish_event(event) for event in created])
+    return created

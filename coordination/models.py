@@ -253,7 +253,12 @@ class Step(models.Model):
     )
     lease_token_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
-    cancel_requested = models.BooleanField(default=False)
+    lease_attempt = models.ForeignKey(
+        "Attempt", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+    # Leases handed back without fault (a pause, a worker shutting down): not charged
+    # against max_attempts. Attempts used = attempt - attempts_released.
+    attempts_released = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -1,13 +1,73 @@
 """Non-trivial reads of the coordination domain."""
 
-from django.db.models import QuerySet
+from collections import defaultdict
+from datetime import timedelta
+from uuid import UUID
 
-from coordination.models import Agent, Workflow
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from coordination.errors import NotFound
+from coordination.models import Agent, AuditReport, Event, Step, StepDependency, StepStatus, Workflow
 
 
 def workflow_list_recent(*, limit: int = 50) -> QuerySet[Workflow]:
     return Workflow.objects.select_related("project").order_by("-created_at")[:limit]
 
 
+def workflow_list(*, status: str | None = None, project: str | None = None) -> QuerySet[Workflow]:
+    workflows = Workflow.objects.select_related("project").order_by("-created_at", "id")
+    if status:
+        workflows = workflows.filter(status=status)
+    if project:
+        workflows = workflows.filter(project__name=project)
+    return workflows
+
+
+def workflow_get(*, workflow_id: UUID) -> Workflow:
+    workflow = Workflow.objects.select_related("project").filter(id=workflow_id).first()
+    if workflow is None:
+        raise NotFound(f"Workflow {workflow_id} does not exist.")
+    return workflow
+
+
+def workflow_steps(*, workflow: Workflow) -> tuple[list[Step], dict[UUID, list[str]]]:
+    """The steps of a workflow and, for each, the keys it depends on (three queries in all)."""
+    steps = list(Step.objects.filter(workflow=workflow).select_related("lease_agent").order_by("created_at", "key"))
+    keys = {step.id: step.key for step in steps}
+    depends_on: dict[UUID, list[str]] = defaultdict(list)
+    for step_id, dep_id in StepDependency.objects.filter(workflow=workflow).values_list("step_id", "depends_on_id"):
+        depends_on[step_id].append(keys[dep_id])
+    return steps, {step_id: sorted(deps) for step_id, deps in depends_on.items()}
+
+
+def step_get(*, step_id: UUID) -> Step:
+    step = Step.objects.select_related("workflow__project", "lease_agent").filter(id=step_id).first()
+    if step is None:
+        raise NotFound(f"Step {step_id} does not exist.")
+    return step
+
+
+def workflow_events(*, workflow: Workflow, after: int = 0, limit: int = 500) -> tuple[list[Event], bool]:
+    events = list(Event.objects.filter(workflow=workflow, seq__gt=after).order_by("seq")[: limit + 1])
+    return events[:limit], len(events) > limit
+
+
+def workflow_audits(*, workflow: Workflow) -> QuerySet[AuditReport]:
+    return AuditReport.objects.filter(workflow=workflow).order_by("-created_at")
+
+
 def agent_list() -> QuerySet[Agent]:
-    return Agent.objects.order_by("name")
+    return agents_with_load()
+
+
+def agents_with_load() -> QuerySet[Agent]:
+    """Agents with `steps_held`, `locks_held` and `online` computed in one query."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S)
+    return Agent.objects.order_by("name").annotate(
+        steps_held=Count("leased_steps", filter=Q(leased_steps__status=StepStatus.IN_PROGRESS), distinct=True),
+        locks_held=Count("locks", filter=Q(locks__released_at__isnull=True, locks__expires_at__gt=now), distinct=True),
+        online_q=Count("id", filter=Q(last_seen_at__gte=cutoff, enabled=True)),
+    )

@@ -8,27 +8,49 @@ after commit.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from coordination.errors import InvalidPath, InvalidRequest, InvalidWorkflow
-from coordination.events import event_record
+from coordination import notify
+from coordination.errors import (
+    AtCapacity,
+    Conflict,
+    Forbidden,
+    InvalidPath,
+    InvalidRequest,
+    InvalidState,
+    InvalidWorkflow,
+    NotFound,
+    StaleLease,
+)
+from coordination.events import event_record, event_record_many
 from coordination.models import (
     KEY_PATTERN,
     ROLE_PATTERN,
+    STEP_COUNTER_FIELDS,
+    TERMINAL_WORKFLOW_STATUSES,
     Agent,
+    Attempt,
+    AttemptOutcome,
+    Event,
+    Iteration,
     LockMode,
     Project,
+    Result,
     Step,
     StepDependency,
     StepStatus,
@@ -361,6 +383,8 @@ def workflow_create(
         ),
         batch_size=2000,
     )
+    if not planning:
+        notify.notify_ready(step.role for step in spec.steps if step.key in ready_keys)
     event_record(
         kind="workflow.created",
         workflow_id=workflow.id,
@@ -375,3 +399,808 @@ def workflow_create(
         },
     )
     return workflow
+
+
+# --- the workflow row: counters, event sequence, terminal states ------------
+
+_COUNTER_COLUMNS = list(STEP_COUNTER_FIELDS.values())
+
+
+@dataclass
+class WorkflowSnapshot:
+    """The workflow row as one counter update left it."""
+
+    id: UUID
+    status: str
+    total_steps: int
+    counts: dict[str, int]
+    first_seq: int
+    last_seq: int
+
+    def seqs(self):
+        return iter(range(self.first_seq, self.last_seq + 1))
+
+
+def _add(moves: dict[str, int], status: str, delta: int) -> None:
+    moves[status] = moves.get(status, 0) + delta
+
+
+def _workflow_move(
+    workflow_id: UUID,
+    moves: dict[str, int],
+    *,
+    events: int = 1,
+    spent_usd: Decimal = Decimal(0),
+    spent_tokens: int = 0,
+) -> WorkflowSnapshot:
+    """Apply step-count deltas, add spend and allocate `events` sequence numbers, in one statement.
+
+    The UPDATE also takes the workflow row lock, which orders every change of
+    one workflow; its cost does not depend on the number of steps.
+    """
+    sets = ["event_seq = event_seq + %s", "updated_at = statement_timestamp()"]
+    params: list[Any] = [events]
+    for status, delta in moves.items():
+        if delta:
+            column = STEP_COUNTER_FIELDS[status]
+            sets.append(f"{column} = {column} + %s")
+            params.append(delta)
+    if spent_usd:
+        sets.append("spent_usd = spent_usd + %s")
+        params.append(spent_usd)
+    if spent_tokens:
+        sets.append("spent_tokens = spent_tokens + %s")
+        params.append(spent_tokens)
+    params.append(workflow_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE coordination_workflow SET {', '.join(sets)} WHERE id = %s "
+            f"RETURNING event_seq, status, total_steps, {', '.join(_COUNTER_COLUMNS)}",
+            params,
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise NotFound(f"Workflow {workflow_id} does not exist.")
+    last_seq, status, total, *counts = row
+    return WorkflowSnapshot(
+        id=workflow_id,
+        status=status,
+        total_steps=total,
+        counts=dict(zip(STEP_COUNTER_FIELDS.keys(), counts)),
+        first_seq=last_seq - events + 1,
+        last_seq=last_seq,
+    )
+
+
+def _event(snapshot_seqs, kind: str, *, workflow_id: UUID, step: Step | None = None,
+           agent_id: UUID | None = None, data: dict[str, Any] | None = None):
+    return Event(
+        workflow_id=workflow_id,
+        seq=next(snapshot_seqs),
+        kind=kind,
+        step_id=step.id if step else None,
+        agent_id=agent_id,
+        data={**({"step": step.key} if step else {}), **(data or {})},
+    )
+
+
+def _settle_workflow(snapshot: WorkflowSnapshot) -> str:
+    """Finish a running or paused workflow when nothing more can run; return its status.
+
+    All steps completed: `completed`. Nothing ready or in progress and some step
+    not completed (failed, skipped, cancelled, or pending behind one): `failed`.
+    """
+    if snapshot.status not in (WorkflowStatus.RUNNING, WorkflowStatus.PAUSED):
+        return snapshot.status
+    counts = snapshot.counts
+    if counts[StepStatus.COMPLETED] == snapshot.total_steps and snapshot.total_steps:
+        new_status = WorkflowStatus.COMPLETED
+    elif counts[StepStatus.READY] == 0 and counts[StepStatus.IN_PROGRESS] == 0:
+        new_status = WorkflowStatus.FAILED
+    else:
+        return snapshot.status
+    now = timezone.now()
+    reason = ""
+    if new_status == WorkflowStatus.FAILED:
+        reason = (
+            f"{counts[StepStatus.FAILED]} step(s) failed, {counts[StepStatus.SKIPPED]} skipped, "
+            f"{counts[StepStatus.CANCELLED]} cancelled; nothing else can run."
+        )
+    Workflow.objects.filter(id=snapshot.id).update(
+        status=new_status, finished_at=now, updated_at=now, failure_reason=reason, paused_reason=""
+    )
+    event_record(kind=f"workflow.{new_status}", workflow_id=snapshot.id,
+                 data={"status": new_status, "counts": counts, **({"reason": reason} if reason else {})})
+    return new_status
+
+
+# --- leases -----------------------------------------------------------------
+
+
+def lease_token_for(attempt_id: UUID) -> str:
+    """The lease token of an attempt: derived, so only its hash is stored yet a retried pull can get it again."""
+    digest = hmac.new(settings.SECRET_KEY.encode(), f"am-lease:{attempt_id}".encode(), hashlib.sha256).digest()
+    return "ls_" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _backoff(charged_attempts: int) -> timedelta:
+    """Delay before a step is handed out again: none after the first attempt, then exponential, capped."""
+    if charged_attempts <= 1:
+        return timedelta(0)
+    seconds = settings.AM_RETRY_BACKOFF_BASE_S * 2 ** (charged_attempts - 2)
+    return timedelta(seconds=min(seconds, settings.AM_RETRY_BACKOFF_MAX_S))
+
+
+@dataclass
+class Lease:
+    step: Step
+    attempt: Attempt
+    token: str
+    inputs: dict[str, Any]
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.step.lease_expires_at
+
+
+@dataclass
+class PullMiss:
+    """No step was ready; `next_available_at` is when a backed-off step becomes ready, if any."""
+
+    next_available_at: datetime | None
+
+
+_CLAIM_SQL = """
+SELECT s.id FROM coordination_step s
+JOIN coordination_workflow w ON w.id = s.workflow_id
+WHERE s.status = 'ready' AND s.role = ANY(%s::text[]) AND s.available_at <= %s AND w.status = 'running'
+  AND NOT (s.id = ANY(%s::uuid[]))
+ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
+LIMIT 1
+FOR UPDATE OF s SKIP LOCKED
+"""
+
+_NEXT_AVAILABLE_SQL = """
+SELECT min(s.available_at) FROM coordination_step s
+JOIN coordination_workflow w ON w.id = s.workflow_id
+WHERE s.status = 'ready' AND s.role = ANY(%s::text[]) AND s.available_at > %s AND w.status = 'running'
+"""
+
+
+def step_inputs(step: Step) -> dict[str, Any]:
+    """The results of a step's dependencies, by key, plus what the server added (feedback)."""
+    inputs: dict[str, Any] = {
+        key: {"final_result": final_result, "outputs": outputs}
+        for key, final_result, outputs in Step.objects.filter(downstream_edges__step_id=step.id)
+        .order_by("key")
+        .values_list("key", "final_result", "outputs")
+    }
+    inputs.update(step.extra_inputs or {})
+    return inputs
+
+
+def _check_roles(agent: Agent, roles: list[str]) -> None:
+    missing = [role for role in roles if role not in agent.roles]
+    if missing:
+        raise Forbidden(
+            f"Agent {agent.name!r} does not hold role(s) {', '.join(missing)}; it holds {', '.join(agent.roles) or 'none'}. "
+            "Pull only your roles, or give the agent the role in the admin.",
+            roles=missing,
+        )
+
+
+@transaction.atomic
+def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> Lease | PullMiss:
+    """Lease the best ready step of `roles` to `agent`, atomically.
+
+    1. A retried request (same `idempotency_key`) gets its open lease back.
+    2. The agent row is locked, so its capacity check and grant are one step.
+    3. The oldest ready step of the highest priority is claimed with
+       `FOR UPDATE SKIP LOCKED`: concurrent pulls never get the same step.
+    4. The step moves to `in_progress` under a new `Attempt`; counters and the
+       event log follow in the same transaction.
+    """
+    _check_roles(agent, roles)
+    if idempotency_key:
+        previous = (
+            Attempt.objects.select_related("step__workflow__project")
+            .filter(agent=agent, idempotency_key=idempotency_key)
+            .order_by("-started_at")
+            .first()
+        )
+        if previous is not None:
+            if previous.ended_at is None and previous.step.lease_attempt_id == previous.id:
+                return Lease(step=previous.step, attempt=previous, token=lease_token_for(previous.id),
+                             inputs=step_inputs(previous.step))
+            raise Conflict(
+                f"Idempotency-Key {idempotency_key!r} was used for step {previous.step.key!r}, whose lease has ended; "
+                "send a new key with every new pull.",
+            )
+    Agent.objects.select_for_update().filter(id=agent.id).values_list("id", flat=True).first()
+    held = Step.objects.filter(lease_agent=agent, status=StepStatus.IN_PROGRESS).count()
+    if held >= agent.capacity:
+        raise AtCapacity(
+            f"Agent {agent.name!r} holds {held} step(s), its capacity; report or hand back one before pulling another.",
+            held=held,
+            capacity=agent.capacity,
+        )
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_SQL, [roles, now, []])
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(_NEXT_AVAILABLE_SQL, [roles, now])
+            return PullMiss(next_available_at=cursor.fetchone()[0])
+    step = Step.objects.select_related("workflow__project").get(id=row[0])
+    return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now)
+
+
+def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime) -> Lease:
+    attempt = Attempt(
+        step=step,
+        agent=agent,
+        number=step.attempt + 1,
+        idempotency_key=idempotency_key,
+        expires_at=now + timedelta(seconds=step.lease_ttl_s),
+    )
+    token = lease_token_for(attempt.id)
+    attempt.lease_token_hash = token_hash(token)
+    attempt.save(force_insert=True)
+    step.status = StepStatus.IN_PROGRESS
+    step.attempt = attempt.number
+    step.lease_agent = agent
+    step.lease_token_hash = attempt.lease_token_hash
+    step.lease_expires_at = attempt.expires_at
+    step.lease_attempt = attempt
+    step.started_at = step.started_at or now
+    step.save(update_fields=["status", "attempt", "lease_agent", "lease_token_hash", "lease_expires_at",
+                             "lease_attempt", "started_at", "updated_at"])
+    snapshot = _workflow_move(step.workflow_id, {StepStatus.READY: -1, StepStatus.IN_PROGRESS: +1})
+    event_record_many([
+        _event(snapshot.seqs(), "step.leased", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
+               data={"agent": agent.name, "attempt": attempt.number, "expires_at": attempt.expires_at.isoformat()})
+    ])
+    return Lease(step=step, attempt=attempt, token=token, inputs=step_inputs(step))
+
+
+@dataclass
+class IterationIn:
+    index: int
+    thought: str = ""
+    action: str = ""
+    observation: str = ""
+
+
+def _locked_step(step_id: UUID) -> Step:
+    step = (
+        Step.objects.select_for_update(of=("self",))
+        .select_related("workflow", "lease_attempt")
+        .filter(id=step_id)
+        .first()
+    )
+    if step is None:
+        raise NotFound(f"Step {step_id} does not exist.")
+    return step
+
+
+def _held_attempt(step: Step, agent: Agent, lease_token: str) -> Attempt:
+    """The attempt `lease_token` belongs to, if `agent` holds it now; else the right error.
+
+    - never held by this agent: 403;
+    - held once but no longer (expired, reassigned, ended): 409 stale_lease.
+    """
+    hashed = token_hash(lease_token or "")
+    current = step.lease_attempt
+    if current is not None and hmac.compare_digest(hashed, step.lease_token_hash) and current.agent_id == agent.id:
+        return current
+    if not Attempt.objects.filter(step=step, agent=agent).exists():
+        raise Forbidden(f"Agent {agent.name!r} does not hold step {step.key!r}: pull it first.")
+    raise StaleLease(
+        f"This lease on step {step.key!r} is no longer yours (the step is {step.status}); "
+        "drop the work and pull another step.",
+        step_status=step.status,
+    )
+
+
+def _lease_live(step: Step, now: datetime) -> bool:
+    return step.status == StepStatus.IN_PROGRESS and step.lease_expires_at is not None and step.lease_expires_at > now
+
+
+_INSERT_ITERATIONS_SQL = """
+INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
+SELECT %s, u.i, u.t, u.a, u.o, statement_timestamp()
+FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[]) AS u(i, t, a, o)
+ON CONFLICT (attempt_id, "index") DO NOTHING
+RETURNING "index"
+"""
+
+
+def _store_iterations(attempt: Attempt, iterations: list[IterationIn]) -> list[int]:
+    """Store iterations not stored yet (a retried heartbeat repeats some); return the new indexes."""
+    unique = {it.index: it for it in iterations}
+    if not unique:
+        return []
+    items = list(unique.values())
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _INSERT_ITERATIONS_SQL,
+            [attempt.id, [it.index for it in items], [it.thought for it in items], [it.action for it in items],
+             [it.observation for it in items]],
+        )
+        return sorted(row[0] for row in cursor.fetchall())
+
+
+@transaction.atomic
+def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
+                   iterations: list[IterationIn] | None = None) -> dict[str, Any]:
+    """Extend a live lease (and its step's locks); store new reasoning iterations.
+
+    `cancel` is true when the workflow was cancelled or paused: the agent should stop.
+    """
+    now = timezone.now()
+    step = _locked_step(step_id)
+    attempt = _held_attempt(step, agent, lease_token)
+    workflow = step.workflow
+    if step.status == StepStatus.CANCELLED or workflow.status == WorkflowStatus.CANCELLED:
+        return {"expires_at": now, "cancel": True}
+    if not _lease_live(step, now):
+        raise StaleLease(
+            f"The lease on step {step.key!r} expired at {step.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}; "
+            "drop the work and pull another step.",
+            step_status=step.status,
+        )
+    step.lease_expires_at = now + timedelta(seconds=step.lease_ttl_s)
+    step.save(update_fields=["lease_expires_at", "updated_at"])
+    lock_renew_for_step(step=step, expires_at=step.lease_expires_at)
+    added = _store_iterations(attempt, iterations or [])
+    if added:
+        snapshot = _workflow_move(step.workflow_id, {})
+        event_record_many([
+            _event(snapshot.seqs(), "step.progress", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
+                   data={"attempt": attempt.number, "iterations": added})
+        ])
+    return {"expires_at": step.lease_expires_at, "cancel": workflow.status == WorkflowStatus.PAUSED}
+
+
+@dataclass
+class Usage:
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+
+
+@dataclass
+class Outcome:
+    status: str  # "completed" or "failed"
+    final_result: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    iterations: list[IterationIn] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    execution_time_s: float | None = None
+    error: str = ""
+    retryable: bool = False
+
+
+_RELEASE_DEPENDENTS_SQL = """
+UPDATE coordination_step s
+SET remaining_deps = s.remaining_deps - 1,
+    status = CASE WHEN s.remaining_deps = 1 THEN 'ready' ELSE s.status END,
+    available_at = CASE WHEN s.remaining_deps = 1 THEN %s ELSE s.available_at END,
+    updated_at = %s
+FROM coordination_stepdependency e
+WHERE e.depends_on_id = %s AND s.id = e.step_id AND s.status = 'pending'
+RETURNING s.key, s.status, s.role
+"""
+
+_SKIP_DOWNSTREAM_SQL = """
+WITH RECURSIVE down(id) AS (
+    SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %s
+    UNION
+    SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
+)
+UPDATE coordination_step s SET status = 'skipped', finished_at = %s, updated_at = %s
+FROM down WHERE s.id = down.id AND s.status = 'pending'
+RETURNING s.key
+"""
+
+
+def _end_attempt(attempt: Attempt, outcome: str, now: datetime) -> None:
+    Attempt.objects.filter(id=attempt.id).update(ended_at=now, outcome=outcome)
+    attempt.ended_at = now
+    attempt.outcome = outcome
+
+
+def _requeue_or_fail(
+    *, step: Step, now: datetime, charge: bool, error: str, final: bool = False
+) -> tuple[str, list[str], timedelta]:
+    """Put a step whose lease ended without success back to `ready` while attempts remain, else fail it.
+
+    `charge=False` hands the attempt back uncharged; `final=True` fails the step
+    whatever attempts remain. Returns the new status, the keys of the
+    downstream steps skipped, and the backoff.
+    """
+    if not charge:
+        step.attempts_released += 1
+    charged = step.attempt - step.attempts_released
+    step.lease_agent = None
+    step.lease_expires_at = None
+    step.lease_attempt = None
+    if not final and charged < step.max_attempts:
+        backoff = _backoff(charged) if charge else timedelta(0)
+        step.status = StepStatus.READY
+        step.available_at = now + backoff
+        step.error = error
+        step.save(update_fields=["status", "available_at", "error", "lease_agent", "lease_expires_at",
+                                 "lease_attempt", "attempts_released", "updated_at"])
+        notify.notify_ready([step.role])
+        return StepStatus.READY, [], backoff
+    step.status = StepStatus.FAILED
+    step.error = error
+    step.finished_at = now
+    step.save(update_fields=["status", "error", "finished_at", "lease_agent", "lease_expires_at",
+                             "lease_attempt", "attempts_released", "updated_at"])
+    with connection.cursor() as cursor:
+        cursor.execute(_SKIP_DOWNSTREAM_SQL, [step.id, now, now])
+        skipped = [row[0] for row in cursor.fetchall()]
+    return StepStatus.FAILED, skipped, timedelta(0)
+
+
+def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any]:
+    """Apply a worker's result; release dependents whose last dependency this was.
+
+    Only the current lease's holder may report; a stale report is refused with
+    `StaleLease` and recorded as an event (in its own transaction), never applied.
+    A repeated report of an applied result returns the first answer and changes
+    nothing. The work done depends on the step's own dependents, never on the
+    size of the workflow.
+    """
+    try:
+        return _step_report(step_id=step_id, agent=agent, lease_token=lease_token, outcome=outcome)
+    except StaleLease as exc:
+        step = Step.objects.filter(id=step_id).only("id", "key", "workflow_id").first()
+        if step is not None:
+            with transaction.atomic():
+                event_record(kind="step.stale_report", workflow_id=step.workflow_id, step_id=step.id, agent_id=agent.id,
+                             data={"step": step.key, "status": outcome.status, "agent": agent.name,
+                                   "step_status": exc.extra.get("step_status")})
+        raise
+
+
+@transaction.atomic
+def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any]:
+    now = timezone.now()
+    step = _locked_step(step_id)
+    hashed = token_hash(lease_token or "")
+    replay = Result.objects.filter(step=step, attempt__lease_token_hash=hashed, attempt__agent=agent).first()
+    if replay is not None:
+        return replay.response
+    attempt = _held_attempt(step, agent, lease_token)
+    if not _lease_live(step, now):
+        ended = "expired" if step.status == StepStatus.IN_PROGRESS else step.status
+        raise StaleLease(
+            f"The lease on step {step.key!r} ended ({ended}); the result was not applied.", step_status=step.status
+        )
+
+    _store_iterations(attempt, outcome.iterations)
+    released: list[str] = []
+    released_roles: list[str] = []
+    skipped: list[str] = []
+    moves: dict[str, int] = {StepStatus.IN_PROGRESS: -1}
+    step.lease_agent = None
+    step.lease_expires_at = None
+    step.lease_attempt = None
+    if outcome.status == StepStatus.COMPLETED:
+        _end_attempt(attempt, AttemptOutcome.COMPLETED, now)
+        step.status = StepStatus.COMPLETED
+        step.final_result = outcome.final_result
+        step.outputs = outcome.outputs
+        step.error = ""
+        step.finished_at = now
+        step.save(update_fields=["status", "final_result", "outputs", "error", "finished_at", "lease_agent",
+                                 "lease_expires_at", "lease_attempt", "updated_at"])
+        with connection.cursor() as cursor:
+            cursor.execute(_RELEASE_DEPENDENTS_SQL, [now, now, step.id])
+            for key, status, role in cursor.fetchall():
+                if status == StepStatus.READY:
+                    released.append(key)
+                    released_roles.append(role)
+        moves[StepStatus.COMPLETED] = 1
+        moves[StepStatus.PENDING] = -len(released)
+        moves[StepStatus.READY] = len(released)
+        notify.notify_ready(released_roles)
+        kind = "step.completed"
+    else:
+        _end_attempt(attempt, AttemptOutcome.RETRY if outcome.retryable else AttemptOutcome.FAILED, now)
+        new_status, skipped, _ = _requeue_or_fail(
+            step=step, now=now, charge=True, error=outcome.error or "Reported failed.", final=not outcome.retryable
+        )
+        _add(moves, new_status, 1)
+        _add(moves, StepStatus.PENDING, -len(skipped))
+        _add(moves, StepStatus.SKIPPED, len(skipped))
+        kind = "step.retrying" if new_status == StepStatus.READY else "step.failed"
+    lock_release_for_step(step=step, reason=outcome.status)
+    usage = outcome.usage
+    tokens = usage.prompt_tokens + usage.completion_tokens
+    snapshot = _workflow_move(step.workflow_id, moves, events=1 + bool(released) + bool(skipped),
+                              spent_usd=usage.cost_usd, spent_tokens=tokens)
+    seqs = snapshot.seqs()
+    data = {"agent": agent.name, "attempt": attempt.number, "status": step.status}
+    if outcome.error:
+        data["error"] = outcome.error[:500]
+    if step.status == StepStatus.READY:
+        data["available_at"] = step.available_at.isoformat()
+    events = [_event(seqs, kind, workflow_id=step.workflow_id, step=step, agent_id=agent.id, data=data)]
+    if released:
+        events.append(_event(seqs, "steps.released", workflow_id=step.workflow_id, data={"steps": released, "by": step.key}))
+    if skipped:
+        events.append(_event(seqs, "steps.skipped", workflow_id=step.workflow_id, data={"steps": skipped, "after": step.key}))
+    event_record_many(events)
+    workflow_status = _settle_workflow(snapshot)
+    response = {
+        "step_id": str(step.id),
+        "status": step.status,
+        "workflow_status": workflow_status,
+        "released": released,
+    }
+    Result.objects.create(
+        attempt=attempt,
+        step=step,
+        status=outcome.status,
+        final_result=outcome.final_result,
+        outputs=outcome.outputs,
+        error=outcome.error,
+        retryable=outcome.retryable,
+        model=usage.model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cost_usd=usage.cost_usd,
+        execution_time_s=outcome.execution_time_s,
+        response=response,
+    )
+    return response
+
+
+@transaction.atomic
+def step_release(*, step_id: UUID, agent: Agent, lease_token: str) -> dict[str, Any]:
+    """Hand a held step back without charging an attempt (a worker shutting down, a paused workflow)."""
+    now = timezone.now()
+    step = _locked_step(step_id)
+    attempt = _held_attempt(step, agent, lease_token)
+    if not _lease_live(step, now):
+        raise StaleLease(f"The lease on step {step.key!r} has already ended.", step_status=step.status)
+    _end_attempt(attempt, AttemptOutcome.RELEASED, now)
+    new_status, _, _ = _requeue_or_fail(step=step, now=now, charge=False, error="")
+    lock_release_for_step(step=step, reason="released")
+    snapshot = _workflow_move(step.workflow_id, {StepStatus.IN_PROGRESS: -1, new_status: +1})
+    event_record_many([_event(snapshot.seqs(), "step.handed_back", workflow_id=step.workflow_id, step=step,
+                              agent_id=agent.id, data={"agent": agent.name, "attempt": attempt.number})])
+    return {"step_id": str(step.id), "status": step.status}
+
+
+@transaction.atomic
+def lease_expire(*, step_id: UUID) -> str | None:
+    """End a lease that ran out: back to `ready` after a backoff while attempts remain, else `failed`.
+
+    Re-checked under the row lock, so a heartbeat that arrived in time wins. In
+    a paused workflow the attempt is not charged. Returns the new status, or
+    None when there was nothing to expire.
+    """
+    now = timezone.now()
+    step = (
+        Step.objects.select_for_update(of=("self",), skip_locked=True)
+        .select_related("workflow", "lease_attempt", "lease_agent")
+        .filter(id=step_id, status=StepStatus.IN_PROGRESS, lease_expires_at__lte=now)
+        .first()
+    )
+    if step is None:
+        return None
+    attempt = step.lease_attempt
+    agent = step.lease_agent
+    if attempt is not None:
+        _end_attempt(attempt, AttemptOutcome.EXPIRED, now)
+    paused = step.workflow.status == WorkflowStatus.PAUSED
+    new_status, skipped, backoff = _requeue_or_fail(
+        step=step, now=now, charge=not paused,
+        error="" if paused else f"The lease of attempt {step.attempt} expired (no heartbeat).",
+    )
+    lock_release_for_step(step=step, reason="lease_expired")
+    moves = {StepStatus.IN_PROGRESS: -1}
+    _add(moves, new_status, 1)
+    _add(moves, StepStatus.PENDING, -len(skipped))
+    _add(moves, StepStatus.SKIPPED, len(skipped))
+    snapshot = _workflow_move(step.workflow_id, moves, events=1 + bool(skipped))
+    seqs = snapshot.seqs()
+    events = [_event(seqs, "step.lease_expired", workflow_id=step.workflow_id, step=step,
+                     agent_id=agent.id if agent else None,
+                     data={"agent": agent.name if agent else None, "attempt": step.attempt, "status": new_status,
+                           "backoff_s": backoff.total_seconds()})]
+    if skipped:
+        events.append(_event(seqs, "steps.skipped", workflow_id=step.workflow_id, data={"steps": skipped, "after": step.key}))
+    event_record_many(events)
+    _settle_workflow(snapshot)
+    return new_status
+
+
+def leases_sweep(*, limit: int = 1000) -> int:
+    """Expire every lease past its end (Celery beat); each in its own short transaction."""
+    now = timezone.now()
+    ids = list(
+        Step.objects.filter(status=StepStatus.IN_PROGRESS, lease_expires_at__lte=now)
+        .order_by("lease_expires_at")
+        .values_list("id", flat=True)[:limit]
+    )
+    return sum(1 for step_id in ids if lease_expire(step_id=step_id) is not None)
+
+
+# --- workflow control -------------------------------------------------------
+
+
+def _actor(user: AbstractBaseUser | None, agent: Agent | None) -> dict[str, str]:
+    if agent is not None:
+        return {"by_agent": agent.name}
+    if user is not None and user.is_authenticated:
+        return {"by_user": user.get_username()}
+    return {"by": "system"}
+
+
+def _locked_workflow(workflow_id: UUID) -> Workflow:
+    workflow = Workflow.objects.select_for_update().filter(id=workflow_id).first()
+    if workflow is None:
+        raise NotFound(f"Workflow {workflow_id} does not exist.")
+    return workflow
+
+
+_CANCEL_STEPS_SQL = """
+WITH old AS (
+    SELECT id, status FROM coordination_step
+    WHERE workflow_id = %s AND status IN ('pending', 'ready', 'in_progress')
+    FOR UPDATE
+)
+UPDATE coordination_step s
+SET status = 'cancelled', finished_at = %s, updated_at = %s, lease_expires_at = NULL
+FROM old WHERE s.id = old.id
+RETURNING old.status, s.id
+"""
+
+
+@transaction.atomic
+def workflow_cancel(*, workflow_id: UUID, user: AbstractBaseUser | None = None, agent: Agent | None = None) -> Workflow:
+    """Cancel a workflow: every step not finished is cancelled; running agents learn it from their heartbeat."""
+    now = timezone.now()
+    workflow = _locked_workflow(workflow_id)
+    if workflow.status in TERMINAL_WORKFLOW_STATUSES:
+        raise InvalidState(f"Workflow {workflow.name!r} is {workflow.status} already; only a live workflow can be cancelled.")
+    with connection.cursor() as cursor:
+        cursor.execute(_CANCEL_STEPS_SQL, [workflow.id, now, now])
+        rows = cursor.fetchall()
+    moves: dict[str, int] = {StepStatus.CANCELLED: len(rows)}
+    for old_status, _ in rows:
+        _add(moves, old_status, -1)
+    step_ids = [step_id for _, step_id in rows]
+    Attempt.objects.filter(step_id__in=step_ids, ended_at__isnull=True).update(ended_at=now, outcome=AttemptOutcome.CANCELLED)
+    lock_release_for_steps(step_ids=step_ids, reason="cancelled")
+    snapshot = _workflow_move(workflow.id, moves)
+    Workflow.objects.filter(id=workflow.id).update(status=WorkflowStatus.CANCELLED, finished_at=now, paused_reason="")
+    event_record_many([_event(snapshot.seqs(), "workflow.cancelled", workflow_id=workflow.id,
+                              agent_id=agent.id if agent else None,
+                              data={"cancelled_steps": len(rows), **_actor(user, agent)})])
+    workflow.refresh_from_db()
+    return workflow
+
+
+@transaction.atomic
+def workflow_pause(*, workflow_id: UUID, reason: str = "", user: AbstractBaseUser | None = None,
+                   agent: Agent | None = None) -> Workflow:
+    """Hand out no new steps; running agents are asked to stop through their heartbeat."""
+    workflow = _locked_workflow(workflow_id)
+    if workflow.status == WorkflowStatus.PAUSED:
+        return workflow
+    if workflow.status != WorkflowStatus.RUNNING:
+        raise InvalidState(f"Workflow {workflow.name!r} is {workflow.status}; only a running workflow can be paused.")
+    actor = _actor(user, agent)
+    workflow.status = WorkflowStatus.PAUSED
+    workflow.paused_reason = reason or f"paused by {next(iter(actor.values()))}"
+    workflow.save(update_fields=["status", "paused_reason", "updated_at"])
+    event_record(kind="workflow.paused", workflow_id=workflow.id, agent_id=agent.id if agent else None,
+                 data={"reason": workflow.paused_reason, **actor})
+    return workflow
+
+
+@transaction.atomic
+def workflow_resume(*, workflow_id: UUID, user: AbstractBaseUser | None = None, agent: Agent | None = None) -> Workflow:
+    workflow = _locked_workflow(workflow_id)
+    if workflow.status == WorkflowStatus.RUNNING:
+        return workflow
+    if workflow.status != WorkflowStatus.PAUSED:
+        raise InvalidState(f"Workflow {workflow.name!r} is {workflow.status}; only a paused workflow can be resumed.")
+    workflow.status = WorkflowStatus.RUNNING
+    workflow.paused_reason = ""
+    workflow.save(update_fields=["status", "paused_reason", "updated_at"])
+    notify.notify_ready(
+        Step.objects.filter(workflow=workflow, status=StepStatus.READY).values_list("role", flat=True).distinct()
+    )
+    event_record(kind="workflow.resumed", workflow_id=workflow.id, agent_id=agent.id if agent else None,
+                 data=_actor(user, agent))
+    return workflow
+
+
+_UNSKIP_DOWNSTREAM_SQL = """
+WITH RECURSIVE down(id) AS (
+    SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %s
+    UNION
+    SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
+)
+UPDATE coordination_step s SET status = 'pending', finished_at = NULL, updated_at = %s
+FROM down WHERE s.id = down.id AND s.status = 'skipped'
+RETURNING s.key
+"""
+
+
+@transaction.atomic
+def step_retry(*, step_id: UUID, user: AbstractBaseUser | None = None, agent: Agent | None = None) -> Step:
+    """A failed or cancelled step back to `ready` with fresh attempts; its skipped dependents back to `pending`."""
+    now = timezone.now()
+    step = _locked_step(step_id)
+    workflow = _locked_workflow(step.workflow_id)
+    if step.status not in (StepStatus.FAILED, StepStatus.CANCELLED):
+        raise InvalidState(f"Step {step.key!r} is {step.status}; only a failed or cancelled step can be retried.")
+    old_status = step.status
+    step.status = StepStatus.READY if step.remaining_deps == 0 else StepStatus.PENDING
+    step.attempts_released = step.attempt  # a fresh set of attempts
+    step.available_at = now if step.status == StepStatus.READY else None
+    step.finished_at = None
+    step.error = ""
+    step.save(update_fields=["status", "attempts_released", "available_at", "finished_at", "error", "updated_at"])
+    with connection.cursor() as cursor:
+        cursor.execute(_UNSKIP_DOWNSTREAM_SQL, [step.id, now])
+        unskipped = [row[0] for row in cursor.fetchall()]
+    moves: dict[str, int] = {}
+    _add(moves, old_status, -1)
+    _add(moves, step.status, 1)
+    _add(moves, StepStatus.SKIPPED, -len(unskipped))
+    _add(moves, StepStatus.PENDING, len(unskipped))
+    snapshot = _workflow_move(step.workflow_id, moves)
+    if workflow.status in TERMINAL_WORKFLOW_STATUSES:
+        Workflow.objects.filter(id=workflow.id).update(status=WorkflowStatus.RUNNING, finished_at=None, failure_reason="")
+    if step.status == StepStatus.READY:
+        notify.notify_ready([step.role])
+    event_record_many([_event(snapshot.seqs(), "step.retried", workflow_id=step.workflow_id, step=step,
+                              agent_id=agent.id if agent else None,
+                              data={"from": old_status, "unskipped": unskipped, **_actor(user, agent)})])
+    step.refresh_from_db()
+    return step
+
+
+# --- agents' presence ---------------------------------------------------------
+
+
+def agent_seen(*, agent: Agent, now: datetime | None = None) -> None:
+    """Record that an agent called the API; written at most every few seconds per agent."""
+    now = now or timezone.now()
+    if agent.last_seen_at is None or (now - agent.last_seen_at).total_seconds() >= 5:
+        Agent.objects.filter(id=agent.id).update(last_seen_at=now)
+        agent.last_seen_at = now
+
+
+# --- file locks tied to steps (completed in the locks module) -----------------
+
+
+def lock_renew_for_step(*, step: Step, expires_at: datetime) -> int:
+    from coordination.models import FileLock
+
+    return FileLock.objects.filter(step=step, released_at__isnull=True).update(expires_at=expires_at)
+
+
+def lock_release_for_step(*, step: Step, reason: str) -> int:
+    return lock_release_for_steps(step_ids=[step.id], reason=reason)
+
+
+def lock_release_for_steps(*, step_ids: list[UUID], reason: str) -> int:
+    from coordination.models import FileLock
+
+    if not step_ids:
+        return 0
+    return FileLock.objects.filter(step_id__in=step_ids, released_at__isnull=True).update(
+        released_at=timezone.now(), release_reason=reason[:32]
+    )

@@ -1,0 +1,425 @@
+"""Request validation and response shapes of the worker API (see shared/api-v1.md).
+
+Request serializers refuse unknown fields, so that a typo never passes silently.
+"""
+
+from decimal import Decimal
+
+from django.conf import settings
+from rest_framework import serializers
+
+from coordination import services
+from coordination.models import LockMode
+
+MAX_TEXT = 1_000_000
+
+
+def _check_json(value, path: str = "") -> None:
+    """PostgreSQL's jsonb cannot hold a NUL character: refuse it with its place."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise serializers.ValidationError(f"{path or 'value'} contains a NUL character (\\u0000), which cannot be stored.")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, f"{path}.{key}" if path else "a key")
+            _check_json(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{path}[{index}]")
+
+
+class JSONObjectField(serializers.DictField):
+    """A free-form JSON object (outputs, metadata) that PostgreSQL can store."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        _check_json(value)
+        return value
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, and bodies that are not JSON objects."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError(
+                {"non_field_errors": [f"Expected a JSON object, got {type(data).__name__}."]}
+            )
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError(
+                {name: [f"Unknown field {name!r}; known fields: {', '.join(sorted(self.fields))}."] for name in unknown}
+            )
+        return super().to_internal_value(data)
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = serializers.CharField(help_text="A stable code: invalid_request, stale_lease, at_capacity, ...")
+    detail = serializers.CharField(help_text="A sentence a person can act on.")
+
+
+class InvalidWorkflowSerializer(ErrorSerializer):
+    errors = serializers.ListField(
+        child=serializers.DictField(), help_text="Each problem: code, detail, and the step/keys it concerns."
+    )
+
+
+class FileInSerializer(StrictSerializer):
+    path = serializers.CharField(max_length=1024, trim_whitespace=False)
+    mode = serializers.ChoiceField(choices=LockMode.choices, default=LockMode.WRITE)
+
+
+class StepInSerializer(StrictSerializer):
+    key = serializers.CharField(max_length=100, trim_whitespace=False)
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    description = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
+    role = serializers.CharField(max_length=64, trim_whitespace=False)
+    depends_on = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list)
+    files = FileInSerializer(many=True, required=False, default=list)
+    priority = serializers.IntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
+    max_attempts = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100)
+    lease_ttl_s = serializers.IntegerField(required=False, allow_null=True, min_value=5, max_value=7 * 86400)
+
+
+class BudgetSerializer(StrictSerializer):
+    usd = serializers.DecimalField(
+        max_digits=12, decimal_places=4, required=False, allow_null=True, min_value=Decimal("0.0001")
+    )
+    tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+
+
+class WorkflowInSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=200)
+    project = serializers.CharField(max_length=64, required=False, default="default")
+    goal = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
+    priority = serializers.IntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
+    max_attempts = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100)
+    max_rework_rounds = serializers.IntegerField(required=False, default=1, min_value=0, max_value=10)
+    budget = BudgetSerializer(required=False, allow_null=True)
+    metadata = JSONObjectField(required=False, default=dict)
+    steps = StepInSerializer(many=True, required=False, default=list)
+
+    def validate_steps(self, steps):
+        limit = settings.AM_MAX_STEPS_PER_WORKFLOW
+        if len(steps) > limit:
+            raise serializers.ValidationError(f"{len(steps)} steps; the limit is {limit} (AM_MAX_STEPS_PER_WORKFLOW).")
+        return steps
+
+    def validate(self, data):
+        if not data.get("steps") and not data.get("goal", "").strip():
+            raise serializers.ValidationError("Give either steps, or a goal for the planner.")
+        return data
+
+    def to_spec(self) -> services.WorkflowSpec:
+        data = self.validated_data
+        budget = data.get("budget") or {}
+        return services.WorkflowSpec(
+            name=data["name"],
+            project=data["project"],
+            goal=data["goal"],
+            priority=data["priority"],
+            max_attempts=data.get("max_attempts"),
+            max_rework_rounds=data["max_rework_rounds"],
+            budget_usd=budget.get("usd"),
+            budget_tokens=budget.get("tokens"),
+            metadata=data["metadata"],
+            steps=tuple(
+                services.StepSpec(
+                    key=step["key"],
+                    name=step.get("name") or step["key"],
+                    role=step["role"],
+                    description=step["description"],
+                    depends_on=tuple(step["depends_on"]),
+                    files=tuple(services.FileSpec(path=f["path"], mode=f["mode"]) for f in step["files"]),
+                    priority=step["priority"],
+                    max_attempts=step.get("max_attempts"),
+                    lease_ttl_s=step.get("lease_ttl_s"),
+                )
+                for step in data["steps"]
+            ),
+        )
+
+
+class IterationSerializer(StrictSerializer):
+    iteration = serializers.IntegerField(min_value=0, max_value=1_000_000)
+    thought = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
+    action = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
+    observation = serializers.CharField(
+        max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False
+    )
+
+
+def to_iterations(items) -> list[services.IterationIn]:
+    return [
+        services.IterationIn(index=i["iteration"], thought=i["thought"], action=i["action"], observation=i["observation"])
+        for i in items
+    ]
+
+
+class HeartbeatInSerializer(StrictSerializer):
+    lease_token = serializers.CharField(max_length=200)
+    iterations = IterationSerializer(many=True, required=False, default=list, max_length=1000)
+
+
+class HeartbeatOutSerializer(serializers.Serializer):
+    expires_at = serializers.DateTimeField()
+    cancel = serializers.BooleanField(help_text="True asks the agent to stop: the workflow was cancelled or paused.")
+
+
+class UsageSerializer(StrictSerializer):
+    model = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    prompt_tokens = serializers.IntegerField(min_value=0, max_value=10**12, required=False, default=0)
+    completion_tokens = serializers.IntegerField(min_value=0, max_value=10**12, required=False, default=0)
+    cost_usd = serializers.DecimalField(
+        max_digits=14, decimal_places=6, min_value=Decimal(0), required=False, default=Decimal(0)
+    )
+
+
+class ReportInSerializer(StrictSerializer):
+    step_id = serializers.UUIDField()
+    lease_token = serializers.CharField(max_length=200)
+    status = serializers.ChoiceField(choices=[("completed", "completed"), ("failed", "failed")])
+    final_result = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
+    outputs = JSONObjectField(required=False, default=dict)
+    iterations = IterationSerializer(many=True, required=False, default=list, max_length=10000)
+    usage = UsageSerializer(required=False, allow_null=True)
+    execution_time_s = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=10**7)
+    error = serializers.CharField(max_length=MAX_TEXT, required=False, allow_null=True, allow_blank=True)
+    retryable = serializers.BooleanField(required=False, default=False)
+
+    def to_outcome(self) -> services.Outcome:
+        data = self.validated_data
+        usage = data.get("usage") or {}
+        return services.Outcome(
+            status=data["status"],
+            final_result=data["final_result"],
+            outputs=data["outputs"],
+            iterations=to_iterations(data["iterations"]),
+            usage=services.Usage(
+                model=usage.get("model", ""),
+                prompt_tokens=usage.get("prompt_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0),
+                cost_usd=usage.get("cost_usd", Decimal(0)),
+            ),
+            execution_time_s=data.get("execution_time_s"),
+            error=data.get("error") or "",
+            retryable=data["retryable"],
+        )
+
+
+class ReportOutSerializer(serializers.Serializer):
+    step_id = serializers.UUIDField()
+    status = serializers.CharField()
+    workflow_status = serializers.CharField()
+    released = serializers.ListField(child=serializers.CharField(), help_text="Keys of the steps that became ready.")
+
+
+class LeaseTokenInSerializer(StrictSerializer):
+    lease_token = serializers.CharField(max_length=200)
+
+
+class StepStatusOutSerializer(serializers.Serializer):
+    step_id = serializers.UUIDField()
+    status = serializers.CharField()
+
+
+# --- responses -------------------------------------------------------------
+
+
+class LeaseOutSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="Secret: send it with heartbeats, reports and locks.")
+    expires_at = serializers.DateTimeField()
+    ttl_s = serializers.IntegerField()
+
+
+class PulledStepSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    key = serializers.CharField()
+    name = serializers.CharField()
+    description = serializers.CharField()
+    role = serializers.CharField()
+    attempt = serializers.IntegerField()
+    files = serializers.ListField(child=serializers.DictField())
+    inputs = serializers.DictField(help_text="Results of the step's dependencies by key: {final_result, outputs}.")
+
+
+class WorkflowRefSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    project = serializers.CharField()
+
+
+class PullOutSerializer(serializers.Serializer):
+    step = PulledStepSerializer()
+    workflow = WorkflowRefSerializer()
+    lease = LeaseOutSerializer()
+
+
+def pull_payload(lease: services.Lease) -> dict:
+    step = lease.step
+    workflow = step.workflow
+    return {
+        "step": {
+            "id": step.id,
+            "key": step.key,
+            "name": step.name,
+            "description": step.description,
+            "role": step.role,
+            "attempt": step.attempt,
+            "files": step.files,
+            "inputs": lease.inputs,
+        },
+        "workflow": {"id": workflow.id, "name": workflow.name, "project": workflow.project.name},
+        "lease": {"token": lease.token, "expires_at": lease.expires_at, "ttl_s": step.lease_ttl_s},
+    }
+
+
+class CountsSerializer(serializers.Serializer):
+    pending = serializers.IntegerField()
+    ready = serializers.IntegerField()
+    in_progress = serializers.IntegerField()
+    completed = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    cancelled = serializers.IntegerField()
+    skipped = serializers.IntegerField()
+
+
+class WorkflowStatusSerializer(serializers.Serializer):
+    workflow_id = serializers.UUIDField(source="id")
+    status = serializers.CharField()
+    paused_reason = serializers.CharField()
+    total_steps = serializers.IntegerField()
+    counts = CountsSerializer()
+    progress = serializers.FloatField()
+    is_complete = serializers.SerializerMethodField()
+    audit_status = serializers.CharField(allow_null=True)
+    updated_at = serializers.DateTimeField()
+
+    def get_is_complete(self, workflow) -> bool:
+        return workflow.is_terminal
+
+
+class StepOutSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    key = serializers.CharField()
+    name = serializers.CharField()
+    description = serializers.CharField()
+    role = serializers.CharField()
+    status = serializers.CharField()
+    priority = serializers.IntegerField()
+    attempt = serializers.IntegerField()
+    max_attempts = serializers.IntegerField()
+    lease_ttl_s = serializers.IntegerField()
+    depends_on = serializers.SerializerMethodField()
+    files = serializers.ListField(child=serializers.DictField())
+    final_result = serializers.CharField()
+    outputs = serializers.DictField()
+    error = serializers.CharField()
+    leased_to = serializers.SerializerMethodField()
+    lease_expires_at = serializers.DateTimeField(allow_null=True)
+    available_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    def get_depends_on(self, step) -> list[str]:
+        return self.context.get("depends_on", {}).get(step.id, [])
+
+    def get_leased_to(self, step) -> str | None:
+        if step.status != "in_progress" or step.lease_agent is None:
+            return None
+        return step.lease_agent.name
+
+
+class BudgetOutSerializer(serializers.Serializer):
+    usd = serializers.DecimalField(max_digits=12, decimal_places=4, allow_null=True, coerce_to_string=False)
+    tokens = serializers.IntegerField(allow_null=True)
+
+
+class SpentSerializer(serializers.Serializer):
+    usd = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=False)
+    tokens = serializers.IntegerField()
+
+
+class WorkflowOutSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    project = serializers.CharField(source="project.name")
+    goal = serializers.CharField()
+    status = serializers.CharField()
+    paused_reason = serializers.CharField()
+    failure_reason = serializers.CharField()
+    audit_status = serializers.CharField(allow_null=True)
+    priority = serializers.IntegerField()
+    max_attempts = serializers.IntegerField()
+    max_rework_rounds = serializers.IntegerField()
+    rework_round = serializers.IntegerField()
+    budget = serializers.SerializerMethodField()
+    spent = serializers.SerializerMethodField()
+    metadata = serializers.DictField()
+    synthesis = serializers.CharField()
+    total_steps = serializers.IntegerField()
+    counts = CountsSerializer()
+    progress = serializers.FloatField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    def get_budget(self, workflow) -> BudgetOutSerializer:
+        return {
+            "usd": float(workflow.budget_usd) if workflow.budget_usd is not None else None,
+            "tokens": workflow.budget_tokens,
+        }
+
+    def get_spent(self, workflow) -> SpentSerializer:
+        return {"usd": float(workflow.spent_usd), "tokens": workflow.spent_tokens}
+
+
+class WorkflowDetailSerializer(WorkflowOutSerializer):
+    steps = serializers.SerializerMethodField()
+
+    def get_steps(self, workflow) -> StepOutSerializer(many=True):
+        return StepOutSerializer(self.context["steps"], many=True, context=self.context).data
+
+
+class EventOutSerializer(serializers.Serializer):
+    seq = serializers.IntegerField()
+    kind = serializers.CharField()
+    at = serializers.DateTimeField()
+    step_id = serializers.UUIDField(allow_null=True)
+    agent_id = serializers.UUIDField(allow_null=True)
+    data = serializers.DictField()
+
+
+class EventPageSerializer(serializers.Serializer):
+    workflow_id = serializers.UUIDField()
+    events = EventOutSerializer(many=True)
+    last_seq = serializers.IntegerField(help_text="Pass it as ?after= to get what follows.")
+    has_more = serializers.BooleanField()
+
+
+class AuditOutSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    round = serializers.IntegerField()
+    successful = serializers.BooleanField()
+    feedback = serializers.CharField()
+    rework_suggestions = serializers.ListField(child=serializers.DictField())
+    confidence = serializers.FloatField()
+    steps_reviewed = serializers.ListField()
+    criteria = serializers.ListField()
+    checks = serializers.ListField(child=serializers.DictField())
+    reviewer = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class AgentOutSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    roles = serializers.ListField(child=serializers.CharField())
+    capacity = serializers.IntegerField()
+    can_submit = serializers.BooleanField()
+    enabled = serializers.BooleanField()
+    online = serializers.BooleanField()
+    last_seen_at = serializers.DateTimeField(allow_null=True)
+    steps_held = serializers.IntegerField()
+    locks_held = serializers.IntegerField()

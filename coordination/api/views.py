@@ -1,0 +1,422 @@
+"""The worker API, version 1 (shared/api-v1.md). Views validate and delegate to services."""
+
+import re
+import time
+from uuid import UUID
+
+from django.db import connection
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from coordination import notify, selectors, services
+from coordination.api import serializers as s
+from coordination.api.auth import CanSubmit, IsAgent, IsAuthenticated, request_agent
+from coordination.errors import InvalidRequest, NotFound
+from coordination.models import ROLE_PATTERN, Workflow, WorkflowStatus
+
+_ROLE_RE = re.compile(ROLE_PATTERN)
+MAX_WAIT_S = 30
+
+
+def _error(description: str, serializer=s.ErrorSerializer) -> OpenApiResponse:
+    return OpenApiResponse(response=serializer, description=description)
+
+
+AUTH_ERRORS = {
+    401: _error("No token, a wrong token, or a disabled agent's token."),
+    403: _error("The caller may not do this."),
+}
+NOT_FOUND = {404: _error("No such workflow or step.")}
+BAD_REQUEST = {400: _error("Malformed JSON, wrong types or unknown fields; `errors` says where.")}
+TOO_LARGE = {413: _error("The body is larger than AM_MAX_BODY_BYTES.")}
+
+
+def _no_store(response: Response) -> Response:
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _user_and_agent(request):
+    agent = request_agent(request)
+    return (None if agent else request.user), agent
+
+
+class APIBase(APIView):
+    permission_classes = [IsAuthenticated]
+
+
+# --- pull, heartbeat, report ---------------------------------------------------
+
+
+class PullView(APIBase):
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        operation_id="pull_step",
+        summary="Pull one ready step of your roles, leased to you",
+        description=(
+            "Atomically leases the oldest ready step of the highest priority among `role` (one role, or several "
+            "separated by commas). `?wait=N` (at most 30) holds the request open until a step is ready or N "
+            "seconds pass. A request sent again with the same `Idempotency-Key` gets the same lease back."
+        ),
+        parameters=[
+            OpenApiParameter("role", OpenApiTypes.STR, OpenApiParameter.PATH, description="Role, or roles separated by commas."),
+            OpenApiParameter("wait", OpenApiTypes.NUMBER, OpenApiParameter.QUERY, required=False,
+                             description="Seconds to wait for a ready step, 0 to 30 (default 0)."),
+            OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
+                             description="A key unique to this pull; a retried request with it gets the same lease."),
+        ],
+        responses={
+            200: s.PullOutSerializer,
+            204: OpenApiResponse(description="No step of these roles is ready."),
+            400: _error("A role is not a valid slug, or `wait` is not a number from 0 to 30."),
+            409: _error("The Idempotency-Key was used for a lease that has ended."),
+            429: _error("at_capacity: the agent holds as many steps as its capacity."),
+            **AUTH_ERRORS,
+        },
+    )
+    def get(self, request, role: str):
+        agent = request_agent(request)
+        roles = [r for r in role.split(",")]
+        bad = [r for r in roles if not _ROLE_RE.match(r)]
+        if bad:
+            raise InvalidRequest(f"{bad[0]!r} is not a valid role: a slug of a-z, 0-9, '_' and '-' (1 to 64 characters).")
+        roles = list(dict.fromkeys(roles))
+        wait = _parse_wait(request.query_params.get("wait"))
+        key = request.headers.get("Idempotency-Key", "")
+        if len(key) > 200:
+            raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
+        deadline = time.monotonic() + wait
+        waiter = notify.listener.register(roles) if wait > 0 else None
+        try:
+            while True:
+                result = services.step_pull(agent=agent, roles=roles, idempotency_key=key)
+                if isinstance(result, services.Lease):
+                    return _no_store(Response(s.PullOutSerializer(s.pull_payload(result)).data))
+                remaining = deadline - time.monotonic()
+                if waiter is None or remaining <= 0:
+                    return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
+                timeout = remaining
+                if result.next_available_at is not None:
+                    timeout = min(timeout, max(0.01, (result.next_available_at - timezone.now()).total_seconds()))
+                if not notify.listener.connected.is_set():
+                    timeout = min(timeout, notify.FALLBACK_RECHECK_S)
+                if not connection.in_atomic_block:
+                    # Hold no database connection while waiting.
+                    connection.close()
+                waiter.event.wait(timeout)
+                waiter.event.clear()
+        finally:
+            if waiter is not None:
+                notify.listener.unregister(waiter)
+
+
+def _parse_wait(raw: str | None) -> float:
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"wait={raw!r} is not a number: give seconds from 0 to {MAX_WAIT_S}.") from None
+    if not 0 <= wait <= MAX_WAIT_S:
+        raise InvalidRequest(f"wait={raw} is out of range: give seconds from 0 to {MAX_WAIT_S}.")
+    return wait
+
+
+class HeartbeatView(APIBase):
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        operation_id="heartbeat",
+        summary="Keep a lease alive; stream new reasoning iterations",
+        request=s.HeartbeatInSerializer,
+        responses={200: s.HeartbeatOutSerializer, 409: _error("stale_lease: the lease is no longer this token's."),
+                   **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND, **TOO_LARGE},
+    )
+    def post(self, request, step_id: UUID):
+        body = s.HeartbeatInSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = services.step_heartbeat(
+            step_id=step_id,
+            agent=request_agent(request),
+            lease_token=body.validated_data["lease_token"],
+            iterations=s.to_iterations(body.validated_data["iterations"]),
+        )
+        return _no_store(Response(s.HeartbeatOutSerializer(result).data))
+
+
+class ReportView(APIBase):
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        operation_id="report_result",
+        summary="Report a step's result with its whole Reason+Act history",
+        description="Only the holder of the current lease may report. Sending the same report again returns the same answer.",
+        request=s.ReportInSerializer,
+        responses={200: s.ReportOutSerializer, 409: _error("stale_lease: the result was not applied."),
+                   **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND, **TOO_LARGE},
+    )
+    def post(self, request):
+        body = s.ReportInSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = services.step_report(
+            step_id=body.validated_data["step_id"],
+            agent=request_agent(request),
+            lease_token=body.validated_data["lease_token"],
+            outcome=body.to_outcome(),
+        )
+        return _no_store(Response(s.ReportOutSerializer(result).data))
+
+
+class ReleaseView(APIBase):
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        operation_id="release_step",
+        summary="Hand a held step back without charging an attempt",
+        description="For a worker shutting down, or asked to stop by a heartbeat's `cancel`. The step's locks are released.",
+        request=s.LeaseTokenInSerializer,
+        responses={200: s.StepStatusOutSerializer, 409: _error("stale_lease"), **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
+    )
+    def post(self, request, step_id: UUID):
+        body = s.LeaseTokenInSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = services.step_release(
+            step_id=step_id, agent=request_agent(request), lease_token=body.validated_data["lease_token"]
+        )
+        return _no_store(Response(s.StepStatusOutSerializer(result).data))
+
+
+# --- workflows -----------------------------------------------------------------
+
+
+class Pagination(LimitOffsetPagination):
+    default_limit = 50
+    max_limit = 500
+
+
+def _workflow_detail(workflow: Workflow) -> dict:
+    steps, depends_on = selectors.workflow_steps(workflow=workflow)
+    return s.WorkflowDetailSerializer(workflow, context={"steps": steps, "depends_on": depends_on}).data
+
+
+class WorkflowListView(APIBase):
+    permission_classes = [IsAuthenticated, CanSubmit]
+
+    @extend_schema(
+        operation_id="list_workflows",
+        summary="List workflows, newest first",
+        parameters=[
+            OpenApiParameter("status", OpenApiTypes.STR, enum=WorkflowStatus.values, required=False),
+            OpenApiParameter("project", OpenApiTypes.STR, required=False),
+        ],
+        responses={200: s.WorkflowOutSerializer(many=True), **BAD_REQUEST, **AUTH_ERRORS},
+    )
+    def get(self, request):
+        status_filter = request.query_params.get("status")
+        if status_filter and status_filter not in WorkflowStatus.values:
+            raise InvalidRequest(f"status={status_filter!r} is not one of {', '.join(WorkflowStatus.values)}.")
+        workflows = selectors.workflow_list(status=status_filter, project=request.query_params.get("project"))
+        paginator = Pagination()
+        page = paginator.paginate_queryset(workflows, request, view=self)
+        return paginator.get_paginated_response(s.WorkflowOutSerializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="create_workflow",
+        summary="Submit a workflow: a graph of steps, or a goal for the planner",
+        request=s.WorkflowInSerializer,
+        responses={
+            201: s.WorkflowDetailSerializer,
+            202: OpenApiResponse(s.WorkflowDetailSerializer, description="A goal without steps: `planning`."),
+            400: _error("invalid_workflow (graph problems in `errors`) or invalid_request.", s.InvalidWorkflowSerializer),
+            **AUTH_ERRORS,
+            **TOO_LARGE,
+        },
+    )
+    def post(self, request):
+        body = s.WorkflowInSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        user, agent = _user_and_agent(request)
+        workflow = services.workflow_create(spec=body.to_spec(), user=user, agent=agent)
+        code = status.HTTP_202_ACCEPTED if workflow.status == WorkflowStatus.PLANNING else status.HTTP_201_CREATED
+        return Response(_workflow_detail(workflow), status=code)
+
+
+class WorkflowDetailView(APIBase):
+    @extend_schema(operation_id="get_workflow", summary="A workflow with its steps",
+                   responses={200: s.WorkflowDetailSerializer, **AUTH_ERRORS, **NOT_FOUND})
+    def get(self, request, workflow_id: UUID):
+        return Response(_workflow_detail(selectors.workflow_get(workflow_id=workflow_id)))
+
+
+class WorkflowStatusView(APIBase):
+    @extend_schema(operation_id="workflow_status", summary="A workflow's progress, from maintained counters",
+                   responses={200: s.WorkflowStatusSerializer, **AUTH_ERRORS, **NOT_FOUND})
+    def get(self, request, workflow_id: UUID):
+        workflow = Workflow.objects.filter(id=workflow_id).first()
+        if workflow is None:
+            raise NotFound(f"Workflow {workflow_id} does not exist.")
+        return _no_store(Response(s.WorkflowStatusSerializer(workflow).data))
+
+
+class _WorkflowControl(APIBase):
+    permission_classes = [IsAuthenticated, CanSubmit]
+    action_name = ""
+
+    def act(self, workflow_id, user, agent):
+        raise NotImplementedError
+
+    def post(self, request, workflow_id: UUID):
+        if request.data not in ({}, None) and not isinstance(request.data, dict):
+            raise InvalidRequest("Send no body, or an empty JSON object.")
+        if request.data:
+            raise InvalidRequest(f"{self.action_name} takes no fields; unknown: {', '.join(sorted(request.data))}.")
+        user, agent = _user_and_agent(request)
+        workflow = self.act(workflow_id, user, agent)
+        return Response(s.WorkflowStatusSerializer(workflow).data)
+
+
+_CONTROL_RESPONSES = {200: s.WorkflowStatusSerializer, 409: _error("invalid_state: not possible in the workflow's status."),
+                      **AUTH_ERRORS, **NOT_FOUND}
+
+
+class WorkflowCancelView(_WorkflowControl):
+    action_name = "cancel"
+
+    @extend_schema(operation_id="cancel_workflow", summary="Cancel a workflow", request=None, responses=_CONTROL_RESPONSES)
+    def post(self, request, workflow_id: UUID):
+        return super().post(request, workflow_id)
+
+    def act(self, workflow_id, user, agent):
+        return services.workflow_cancel(workflow_id=workflow_id, user=user, agent=agent)
+
+
+class WorkflowPauseView(_WorkflowControl):
+    action_name = "pause"
+
+    @extend_schema(operation_id="pause_workflow", summary="Pause: hand out no new steps", request=None,
+                   responses=_CONTROL_RESPONSES)
+    def post(self, request, workflow_id: UUID):
+        return super().post(request, workflow_id)
+
+    def act(self, workflow_id, user, agent):
+        return services.workflow_pause(workflow_id=workflow_id, user=user, agent=agent)
+
+
+class WorkflowResumeView(_WorkflowControl):
+    action_name = "resume"
+
+    @extend_schema(operation_id="resume_workflow", summary="Resume a paused workflow", request=None,
+                   responses=_CONTROL_RESPONSES)
+    def post(self, request, workflow_id: UUID):
+        return super().post(request, workflow_id)
+
+    def act(self, workflow_id, user, agent):
+        return services.workflow_resume(workflow_id=workflow_id, user=user, agent=agent)
+
+
+class WorkflowEventsView(APIBase):
+    @extend_schema(
+        operation_id="workflow_events",
+        summary="The workflow's ordered event log",
+        parameters=[
+            OpenApiParameter("after", OpenApiTypes.INT, required=False, description="Only events with a larger seq."),
+            OpenApiParameter("limit", OpenApiTypes.INT, required=False, description="At most this many (1-1000, default 500)."),
+        ],
+        responses={200: s.EventPageSerializer, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
+    )
+    def get(self, request, workflow_id: UUID):
+        after = _int_param(request, "after", 0, 0, 2**62)
+        limit = _int_param(request, "limit", 500, 1, 1000)
+        workflow = selectors.workflow_get(workflow_id=workflow_id)
+        events, has_more = selectors.workflow_events(workflow=workflow, after=after, limit=limit)
+        return _no_store(Response(s.EventPageSerializer({
+            "workflow_id": workflow.id,
+            "events": events,
+            "last_seq": events[-1].seq if events else after,
+            "has_more": has_more,
+        }).data))
+
+
+def _int_param(request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name}={raw!r} is not a whole number.") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name}={value} is out of range {low}..{high}.")
+    return value
+
+
+class WorkflowAuditsView(APIBase):
+    @extend_schema(operation_id="workflow_audits", summary="The workflow's audit reports, newest first",
+                   responses={200: s.AuditOutSerializer(many=True), **AUTH_ERRORS, **NOT_FOUND})
+    def get(self, request, workflow_id: UUID):
+        workflow = selectors.workflow_get(workflow_id=workflow_id)
+        return Response(s.AuditOutSerializer(selectors.workflow_audits(workflow=workflow), many=True).data)
+
+
+# --- steps -------------------------------------------------------------------
+
+
+class StepDetailView(APIBase):
+    @extend_schema(operation_id="get_step", summary="One step", responses={200: s.StepOutSerializer, **AUTH_ERRORS, **NOT_FOUND})
+    def get(self, request, step_id: UUID):
+        step = selectors.step_get(step_id=step_id)
+        depends_on = sorted(step.depends_on.values_list("key", flat=True))
+        return Response(s.StepOutSerializer(step, context={"depends_on": {step.id: depends_on}}).data)
+
+
+class StepRetryView(APIBase):
+    permission_classes = [IsAuthenticated, CanSubmit]
+
+    @extend_schema(
+        operation_id="retry_step",
+        summary="A failed or cancelled step back to ready; its skipped dependents back to pending",
+        request=None,
+        responses={200: s.StepOutSerializer, 409: _error("invalid_state: the step is not failed or cancelled."),
+                   **AUTH_ERRORS, **NOT_FOUND},
+    )
+    def post(self, request, step_id: UUID):
+        if request.data:
+            raise InvalidRequest("retry takes no fields.")
+        user, agent = _user_and_agent(request)
+        step = services.step_retry(step_id=step_id, user=user, agent=agent)
+        depends_on = sorted(step.depends_on.values_list("key", flat=True))
+        return Response(s.StepOutSerializer(step, context={"depends_on": {step.id: depends_on}}).data)
+
+
+# --- agents ------------------------------------------------------------------
+
+
+def _agent_payload(agent) -> dict:
+    return s.AgentOutSerializer({
+        "id": agent.id, "name": agent.name, "roles": agent.roles, "capacity": agent.capacity,
+        "can_submit": agent.can_submit, "enabled": agent.enabled, "online": bool(agent.online_q),
+        "last_seen_at": agent.last_seen_at, "steps_held": agent.steps_held, "locks_held": agent.locks_held,
+    }).data
+
+
+class AgentListView(APIBase):
+    @extend_schema(operation_id="list_agents", summary="Agents, with what they hold and whether they are online",
+                   responses={200: s.AgentOutSerializer(many=True), **AUTH_ERRORS})
+    def get(self, request):
+        return Response([_agent_payload(agent) for agent in selectors.agents_with_load()])
+
+
+class AgentMeView(APIBase):
+    permission_classes = [IsAgent]
+
+    @extend_schema(operation_id="agent_me", summary="The calling agent", responses={200: s.AgentOutSerializer, **AUTH_ERRORS})
+    def get(self, request):
+        agent = selectors.agents_with_load().get(id=request_agent(request).id)
+        return Response(_agent_payload(agent))
+
