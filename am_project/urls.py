@@ -1,10 +1,12 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from coordination.metrics import metrics
 from coordination.views import healthz
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
     path("v1/", include("coordination.api.urls")),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),

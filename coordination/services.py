@@ -121,6 +121,16 @@ def agent_create(
     return agent, token
 
 
+def user_token_create(*, user: AbstractBaseUser, name: str) -> str:
+    """An API token acting as `user` (a script or pipeline); returned once, only its hash is stored."""
+    from coordination.models import UserToken
+
+    token = _new_token("amu")
+    UserToken.objects.create(user=user, name=name[:100] or "token", token_hash=token_hash(token), token_prefix=token[:10])
+    event_record(kind="user_token.created", data={"user": user.get_username(), "name": name})
+    return token
+
+
 # --- workflows --------------------------------------------------------------
 
 
@@ -901,7 +911,7 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
                                  "lease_expires_at", "lease_attempt", "updated_at"])
         with connection.cursor() as cursor:
             cursor.execute(_RELEASE_DEPENDENTS_SQL, [now, now, step.id])
-            for key, status, role in cursor.fetchall():
+            for key, status, role in sorted(cursor.fetchall()):
                 if status == StepStatus.READY:
                     released.append(key)
                     released_roles.append(role)

@@ -37,6 +37,45 @@ class JSONObjectField(serializers.DictField):
         return value
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON string, not a number or a boolean coerced into one."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer: not a string, a boolean or a fraction."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictDecimalField(serializers.DecimalField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            self.fail("invalid")
+        return super().to_internal_value(str(data))
+
+
+class StrictBooleanField(serializers.BooleanField):
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
 class StrictSerializer(serializers.Serializer):
     """Refuses fields it does not know, and bodies that are not JSON objects."""
 
@@ -56,45 +95,46 @@ class StrictSerializer(serializers.Serializer):
 class ErrorSerializer(serializers.Serializer):
     error = serializers.CharField(help_text="A stable code: invalid_request, stale_lease, at_capacity, ...")
     detail = serializers.CharField(help_text="A sentence a person can act on.")
-
-
-class InvalidWorkflowSerializer(ErrorSerializer):
-    errors = serializers.ListField(
-        child=serializers.DictField(), help_text="Each problem: code, detail, and the step/keys it concerns."
+    errors = serializers.JSONField(
+        required=False,
+        help_text=(
+            "invalid_request: {field: [messages]}; invalid_workflow: a list of problems, "
+            "each {code, detail, step?, cycle?, depends_on?}."
+        ),
     )
 
 
 class FileInSerializer(StrictSerializer):
-    path = serializers.CharField(max_length=1024, trim_whitespace=False)
+    path = StrictCharField(max_length=1024, trim_whitespace=False)
     mode = serializers.ChoiceField(choices=LockMode.choices, default=LockMode.WRITE)
 
 
 class StepInSerializer(StrictSerializer):
-    key = serializers.CharField(max_length=100, trim_whitespace=False)
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
-    description = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
-    role = serializers.CharField(max_length=64, trim_whitespace=False)
-    depends_on = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list)
+    key = StrictCharField(max_length=100, trim_whitespace=False)
+    name = StrictCharField(max_length=200, required=False, allow_blank=True)
+    description = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
+    role = StrictCharField(max_length=64, trim_whitespace=False)
+    depends_on = serializers.ListField(child=StrictCharField(max_length=100), required=False, default=list)
     files = FileInSerializer(many=True, required=False, default=list)
-    priority = serializers.IntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
-    max_attempts = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100)
-    lease_ttl_s = serializers.IntegerField(required=False, allow_null=True, min_value=5, max_value=7 * 86400)
+    priority = StrictIntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
+    max_attempts = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=100)
+    lease_ttl_s = StrictIntegerField(required=False, allow_null=True, min_value=5, max_value=7 * 86400)
 
 
 class BudgetSerializer(StrictSerializer):
-    usd = serializers.DecimalField(
+    usd = StrictDecimalField(
         max_digits=12, decimal_places=4, required=False, allow_null=True, min_value=Decimal("0.0001")
     )
-    tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
 
 
 class WorkflowInSerializer(StrictSerializer):
-    name = serializers.CharField(max_length=200)
-    project = serializers.CharField(max_length=64, required=False, default="default")
-    goal = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
-    priority = serializers.IntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
-    max_attempts = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100)
-    max_rework_rounds = serializers.IntegerField(required=False, default=1, min_value=0, max_value=10)
+    name = StrictCharField(max_length=200)
+    project = StrictCharField(max_length=64, required=False, default="default")
+    goal = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
+    priority = StrictIntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
+    max_attempts = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=100)
+    max_rework_rounds = StrictIntegerField(required=False, default=1, min_value=0, max_value=10)
     budget = BudgetSerializer(required=False, allow_null=True)
     metadata = JSONObjectField(required=False, default=dict)
     steps = StepInSerializer(many=True, required=False, default=list)
@@ -141,10 +181,10 @@ class WorkflowInSerializer(StrictSerializer):
 
 
 class IterationSerializer(StrictSerializer):
-    iteration = serializers.IntegerField(min_value=0, max_value=1_000_000)
-    thought = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
-    action = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
-    observation = serializers.CharField(
+    iteration = StrictIntegerField(min_value=0, max_value=1_000_000)
+    thought = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
+    action = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
+    observation = StrictCharField(
         max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False
     )
 
@@ -157,35 +197,35 @@ def to_iterations(items) -> list[services.IterationIn]:
 
 
 class HeartbeatInSerializer(StrictSerializer):
-    lease_token = serializers.CharField(max_length=200)
+    lease_token = StrictCharField(max_length=200)
     iterations = IterationSerializer(many=True, required=False, default=list, max_length=1000)
 
 
 class HeartbeatOutSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField()
-    cancel = serializers.BooleanField(help_text="True asks the agent to stop: the workflow was cancelled or paused.")
+    cancel = StrictBooleanField(help_text="True asks the agent to stop: the workflow was cancelled or paused.")
 
 
 class UsageSerializer(StrictSerializer):
-    model = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    prompt_tokens = serializers.IntegerField(min_value=0, max_value=10**12, required=False, default=0)
-    completion_tokens = serializers.IntegerField(min_value=0, max_value=10**12, required=False, default=0)
-    cost_usd = serializers.DecimalField(
+    model = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
+    prompt_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
+    completion_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
+    cost_usd = StrictDecimalField(
         max_digits=14, decimal_places=6, min_value=Decimal(0), required=False, default=Decimal(0)
     )
 
 
 class ReportInSerializer(StrictSerializer):
     step_id = serializers.UUIDField()
-    lease_token = serializers.CharField(max_length=200)
+    lease_token = StrictCharField(max_length=200)
     status = serializers.ChoiceField(choices=[("completed", "completed"), ("failed", "failed")])
-    final_result = serializers.CharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
+    final_result = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="", trim_whitespace=False)
     outputs = JSONObjectField(required=False, default=dict)
     iterations = IterationSerializer(many=True, required=False, default=list, max_length=10000)
     usage = UsageSerializer(required=False, allow_null=True)
-    execution_time_s = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=10**7)
-    error = serializers.CharField(max_length=MAX_TEXT, required=False, allow_null=True, allow_blank=True)
-    retryable = serializers.BooleanField(required=False, default=False)
+    execution_time_s = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=10**7)
+    error = StrictCharField(max_length=MAX_TEXT, required=False, allow_null=True, allow_blank=True)
+    retryable = StrictBooleanField(required=False, default=False)
 
     def to_outcome(self) -> services.Outcome:
         data = self.validated_data
@@ -209,18 +249,18 @@ class ReportInSerializer(StrictSerializer):
 
 class ReportOutSerializer(serializers.Serializer):
     step_id = serializers.UUIDField()
-    status = serializers.CharField()
-    workflow_status = serializers.CharField()
-    released = serializers.ListField(child=serializers.CharField(), help_text="Keys of the steps that became ready.")
+    status = StrictCharField()
+    workflow_status = StrictCharField()
+    released = serializers.ListField(child=StrictCharField(), help_text="Keys of the steps that became ready.")
 
 
 class LeaseTokenInSerializer(StrictSerializer):
-    lease_token = serializers.CharField(max_length=200)
+    lease_token = StrictCharField(max_length=200)
 
 
 class StepStatusOutSerializer(serializers.Serializer):
     step_id = serializers.UUIDField()
-    status = serializers.CharField()
+    status = StrictCharField()
 
 
 # --- responses -------------------------------------------------------------
@@ -373,6 +413,13 @@ class WorkflowOutSerializer(serializers.Serializer):
 
     def get_spent(self, workflow) -> SpentSerializer:
         return {"usd": float(workflow.spent_usd), "tokens": workflow.spent_tokens}
+
+
+class WorkflowPageSerializer(serializers.Serializer):
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = WorkflowOutSerializer(many=True)
 
 
 class WorkflowDetailSerializer(WorkflowOutSerializer):

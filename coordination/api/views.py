@@ -48,6 +48,15 @@ def _user_and_agent(request):
 
 class APIBase(APIView):
     permission_classes = [IsAuthenticated]
+    # Query parameters the view reads; any other is refused, so a typo never passes silently.
+    query_params_allowed: frozenset[str] = frozenset()
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        unknown = sorted(set(request.query_params) - self.query_params_allowed - {"format"})
+        if unknown:
+            known = ", ".join(sorted(self.query_params_allowed)) or "none"
+            raise InvalidRequest(f"Unknown query parameter(s): {', '.join(map(repr, unknown))}; known: {known}.")
 
 
 # --- pull, heartbeat, report ---------------------------------------------------
@@ -55,6 +64,7 @@ class APIBase(APIView):
 
 class PullView(APIBase):
     permission_classes = [IsAgent]
+    query_params_allowed = frozenset({"wait"})
 
     @extend_schema(
         operation_id="pull_step",
@@ -66,8 +76,8 @@ class PullView(APIBase):
         ),
         parameters=[
             OpenApiParameter("role", OpenApiTypes.STR, OpenApiParameter.PATH, description="Role, or roles separated by commas."),
-            OpenApiParameter("wait", OpenApiTypes.NUMBER, OpenApiParameter.QUERY, required=False,
-                             description="Seconds to wait for a ready step, 0 to 30 (default 0)."),
+            OpenApiParameter("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}, OpenApiParameter.QUERY,
+                             required=False, description="Seconds to wait for a ready step, 0 to 30 (default 0)."),
             OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
                              description="A key unique to this pull; a retried request with it gets the same lease."),
         ],
@@ -117,7 +127,7 @@ class PullView(APIBase):
 
 
 def _parse_wait(raw: str | None) -> float:
-    if raw is None or raw == "":
+    if raw is None:
         return 0.0
     try:
         wait = float(raw)
@@ -207,6 +217,7 @@ def _workflow_detail(workflow: Workflow) -> dict:
 
 class WorkflowListView(APIBase):
     permission_classes = [IsAuthenticated, CanSubmit]
+    query_params_allowed = frozenset({"status", "project", "limit", "offset"})
 
     @extend_schema(
         operation_id="list_workflows",
@@ -214,13 +225,17 @@ class WorkflowListView(APIBase):
         parameters=[
             OpenApiParameter("status", OpenApiTypes.STR, enum=WorkflowStatus.values, required=False),
             OpenApiParameter("project", OpenApiTypes.STR, required=False),
+            OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 500}, required=False),
+            OpenApiParameter("offset", {"type": "integer", "minimum": 0}, required=False),
         ],
-        responses={200: s.WorkflowOutSerializer(many=True), **BAD_REQUEST, **AUTH_ERRORS},
+        responses={200: s.WorkflowPageSerializer, **BAD_REQUEST, **AUTH_ERRORS},
     )
     def get(self, request):
         status_filter = request.query_params.get("status")
-        if status_filter and status_filter not in WorkflowStatus.values:
+        if status_filter is not None and status_filter not in WorkflowStatus.values:
             raise InvalidRequest(f"status={status_filter!r} is not one of {', '.join(WorkflowStatus.values)}.")
+        _int_param(request, "limit", Pagination.default_limit, 1, Pagination.max_limit)
+        _int_param(request, "offset", 0, 0, 2**62)
         workflows = selectors.workflow_list(status=status_filter, project=request.query_params.get("project"))
         paginator = Pagination()
         page = paginator.paginate_queryset(workflows, request, view=self)
@@ -233,7 +248,7 @@ class WorkflowListView(APIBase):
         responses={
             201: s.WorkflowDetailSerializer,
             202: OpenApiResponse(s.WorkflowDetailSerializer, description="A goal without steps: `planning`."),
-            400: _error("invalid_workflow (graph problems in `errors`) or invalid_request.", s.InvalidWorkflowSerializer),
+            400: _error("invalid_workflow (graph problems in `errors`) or invalid_request."),
             **AUTH_ERRORS,
             **TOO_LARGE,
         },
@@ -321,12 +336,15 @@ class WorkflowResumeView(_WorkflowControl):
 
 
 class WorkflowEventsView(APIBase):
+    query_params_allowed = frozenset({"after", "limit"})
     @extend_schema(
         operation_id="workflow_events",
         summary="The workflow's ordered event log",
         parameters=[
-            OpenApiParameter("after", OpenApiTypes.INT, required=False, description="Only events with a larger seq."),
-            OpenApiParameter("limit", OpenApiTypes.INT, required=False, description="At most this many (1-1000, default 500)."),
+            OpenApiParameter("after", {"type": "integer", "minimum": 0}, required=False,
+                             description="Only events with a larger seq."),
+            OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, required=False,
+                             description="At most this many (default 500)."),
         ],
         responses={200: s.EventPageSerializer, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
     )
@@ -345,7 +363,7 @@ class WorkflowEventsView(APIBase):
 
 def _int_param(request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)

@@ -58,3 +58,69 @@ def owner_client(owner) -> APIClient:
     client = APIClient()
     client.force_authenticate(owner)
     return client
+
+
+def _database_url(settings_dict) -> str:
+    from urllib.parse import quote
+
+    user = quote(settings_dict.get("USER") or "", safe="")
+    password = settings_dict.get("PASSWORD") or ""
+    auth = f"{user}:{quote(password, safe='')}@" if password else f"{user}@"
+    host = quote(settings_dict.get("HOST") or "127.0.0.1", safe="")
+    port = settings_dict.get("PORT") or 5432
+    return f"postgresql://{auth}{host}:{port}/{settings_dict['NAME']}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_am(django_db_setup, django_db_blocker):
+    """A real daphne process serving AM on the test database: its base URL."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    from django.conf import settings
+    from django.db import connection
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(connection.settings_dict),
+        "REDIS_URL": settings.REDIS_URL,
+        "AM_LOG_LEVEL": "WARNING",
+    }
+    base_dir = Path(__file__).resolve().parent.parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "am_project.asgi:application"],
+        cwd=base_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("daphne did not answer /healthz within 60 s")
+        time.sleep(0.2)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()

@@ -28,3 +28,19 @@ class HealthzTests:
         assert body["down"] == ["Redis"]
         assert "Redis" in body["detail"]
         assert body["database"]["ok"] is True
+
+
+class MetricsTests:
+    def test_it_exposes_step_and_workflow_counts_as_prometheus_text(self, client):
+        from coordination import services
+        from coordination.tests.factories import step, workflow_spec
+
+        services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        assert response["Content-Type"].startswith("text/plain")
+        text = response.content.decode()
+        assert 'am_steps{status="ready"} 1.0' in text
+        assert 'am_steps{status="pending"} 1.0' in text
+        assert 'am_workflows{status="running"} 1.0' in text
+        assert "process_resident_memory_bytes" in text

@@ -1,0 +1,117 @@
+"""Over real HTTP against a real daphne process and PostgreSQL."""
+
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from django.db import connection
+
+from coordination import services
+from coordination.models import Attempt, AttemptOutcome, Result, Step, Workflow
+from coordination.tests.conftest import make_agent
+from coordination.tests.factories import step, workflow_spec
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class ConcurrentPullTests:
+    def test_16_agents_on_400_steps_complete_each_exactly_once(self, live_am):
+        workflow = services.workflow_create(spec=workflow_spec(*[step(f"s{i}") for i in range(400)], name="big"))
+        agents = [make_agent(f"agent-{i}", ["developer"]) for i in range(16)]
+        completed: Counter = Counter()
+        errors: list[str] = []
+
+        def work(agent) -> None:
+            with httpx.Client(base_url=live_am, headers=_auth(agent.token), timeout=30) as client:
+                while True:
+                    pulled = client.get("/v1/tasks/developer/ready")
+                    if pulled.status_code == 204:
+                        return
+                    if pulled.status_code != 200:
+                        errors.append(f"pull {pulled.status_code} {pulled.text}")
+                        return
+                    body = pulled.json()
+                    reported = client.post("/v1/report_result", json={
+                        "step_id": body["step"]["id"], "lease_token": body["lease"]["token"],
+                        "status": "completed", "final_result": f"done by {agent.agent.name}",
+                    })
+                    if reported.status_code != 200:
+                        errors.append(f"report {reported.status_code} {reported.text}")
+                        return
+                    completed[body["step"]["key"]] += 1
+
+        threads = [threading.Thread(target=work, args=(agent,)) for agent in agents]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors, errors[:5]
+        assert len(completed) == 400 and set(completed.values()) == {1}
+        # No lease was ever granted twice: exactly one attempt per step, each completed.
+        attempts = Attempt.objects.filter(step__workflow=workflow)
+        assert attempts.count() == 400
+        assert set(attempts.values_list("outcome", flat=True)) == {AttemptOutcome.COMPLETED}
+        assert attempts.values("step_id").distinct().count() == 400
+        assert Result.objects.filter(step__workflow=workflow).count() == 400
+        assert len({name for name in attempts.values_list("agent__name", flat=True)}) > 1
+        workflow.refresh_from_db()
+        assert workflow.status == "completed" and workflow.n_completed == 400
+
+
+class LongPollTests:
+    def test_a_waiting_pull_wakes_when_a_step_becomes_ready_holding_no_connection(self, live_am):
+        agent = make_agent("waiter", ["researcher"])
+        outcome: dict = {}
+
+        def wait_for_step() -> None:
+            started = time.monotonic()
+            response = httpx.get(f"{live_am}/v1/tasks/researcher/ready?wait=20", headers=_auth(agent.token), timeout=30)
+            outcome["status"] = response.status_code
+            outcome["elapsed"] = time.monotonic() - started
+            outcome["body"] = response.json() if response.status_code == 200 else None
+
+        thread = threading.Thread(target=wait_for_step)
+        thread.start()
+        time.sleep(1.5)
+        # While it waits, the server holds no database connection for it (only the LISTEN one).
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+            others = [row[0] for row in cursor.fetchall()]
+        assert all(query.startswith(("LISTEN", "SELECT 1")) for query in others), others
+        assert thread.is_alive(), "the pull should still be waiting"
+        services.workflow_create(spec=workflow_spec(step("R", role="researcher")))
+        thread.join(timeout=25)
+        assert outcome["status"] == 200
+        assert outcome["body"]["step"]["key"] == "R"
+        assert outcome["elapsed"] < 15, "woken by the notification, well before the 20 s deadline"
+
+    def test_a_waiting_pull_times_out_with_204(self, live_am):
+        agent = make_agent("patient", ["analyst"])
+        started = time.monotonic()
+        response = httpx.get(f"{live_am}/v1/tasks/analyst/ready?wait=1", headers=_auth(agent.token), timeout=10)
+        assert response.status_code == 204
+        assert time.monotonic() - started >= 0.9
+
+    def test_a_step_of_a_resumed_workflow_wakes_a_waiting_pull(self, live_am):
+        agent = make_agent("resumer", ["writer"])
+        workflow = services.workflow_create(spec=workflow_spec(step("W", role="writer")))
+        services.workflow_pause(workflow_id=workflow.id)
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(
+            status=httpx.get(f"{live_am}/v1/tasks/writer/ready?wait=20", headers=_auth(agent.token), timeout=30).status_code))
+        thread.start()
+        time.sleep(1.0)
+        services.workflow_resume(workflow_id=workflow.id)
+        thread.join(timeout=25)
+        assert result["status"] == 200
+        assert Step.objects.get(workflow=workflow).status == "in_progress"
+        assert Workflow.objects.get(id=workflow.id).n_in_progress == 1

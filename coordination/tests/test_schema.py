@@ -1,0 +1,85 @@
+"""The OpenAPI schema is complete and the API keeps to it, checked by schemathesis."""
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    ignored_auth,
+    negative_data_rejection,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from am_project.wsgi import application
+from coordination import services
+from coordination.tests.factories import step, workflow_spec
+
+schema = schemathesis.openapi.from_wsgi("/v1/schema", application)
+
+
+@schemathesis.check
+def rejects_negative_data(ctx, response, case):
+    """negative_data_rejection, counting 413 (a body over AM_MAX_BODY_BYTES) as the rejection it is."""
+    if response.status_code == 413:
+        return True
+    return negative_data_rejection(ctx, response, case)
+
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    rejects_negative_data,
+    ignored_auth,
+]
+
+
+@pytest.fixture
+def wsgi_in_test_transaction(db):
+    """Like Django's test client: requests must not close the test's connection (it holds the transaction)."""
+    from django.core import signals
+    from django.db import close_old_connections
+
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
+
+
+@pytest.fixture
+def token(wsgi_in_test_transaction) -> str:
+    """A submitting agent with common roles, and some data for it to find."""
+    _, token = services.agent_create(name="fuzzer", roles=["developer", "tester"], capacity=3, can_submit=True)
+    services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("T", role="tester")))
+    return token
+
+
+class SchemaTests:
+    def test_the_schema_documents_every_endpoint_and_error(self, client):
+        document = client.get("/v1/schema?format=json").json()
+        paths = document["paths"]
+        for path in ["/v1/tasks/{role}/ready", "/v1/steps/{step_id}/heartbeat", "/v1/report_result",
+                     "/v1/workflows", "/v1/workflows/{workflow_id}/status", "/v1/workflows/{workflow_id}/events",
+                     "/v1/agents", "/v1/agents/me", "/v1/steps/{step_id}/retry"]:
+            assert path in paths, path
+        pull = paths["/v1/tasks/{role}/ready"]["get"]["responses"]
+        assert {"200", "204", "401", "403", "429"} <= set(pull)
+        report = paths["/v1/report_result"]["post"]
+        assert "409" in report["responses"] and "requestBody" in report
+
+    def test_the_docs_page_uses_no_cdn(self, client):
+        page = client.get("/v1/docs").content.decode()
+        assert "swagger-ui" in page and "cdn" not in page.lower()
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
+def test_the_api_keeps_to_its_schema(case, token):
+    if case.query and "wait" in case.query:
+        case.query["wait"] = 0  # a long poll adds nothing here but minutes of waiting
+    case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
