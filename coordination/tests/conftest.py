@@ -124,3 +124,42 @@ def live_am(django_db_setup, django_db_blocker):
         process.wait(timeout=15)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def live_celery(django_db_setup):
+    """A real Celery worker with beat (sweeping every second) on the test database, on a queue of its own."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from django.conf import settings
+    from django.db import connection
+
+    queue = f"am-test-{os.getpid()}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(connection.settings_dict),
+        "REDIS_URL": settings.REDIS_URL,
+        "AM_CELERY_QUEUE": queue,
+        "AM_SWEEP_INTERVAL_S": "1",
+        "AM_LOG_LEVEL": "WARNING",
+    }
+    base_dir = Path(__file__).resolve().parent.parent.parent
+    schedule = Path(os.environ.get("TMPDIR", "/tmp")) / f"{queue}-beat"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "am_project", "worker", "-B", "-s", str(schedule), "-Q", queue,
+         "-c", "1", "-l", "warning", "-n", f"{queue}@%h"],
+        cwd=base_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    if process.poll() is not None:
+        raise RuntimeError("the Celery worker exited at start")
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()

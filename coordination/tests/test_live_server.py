@@ -115,3 +115,26 @@ class LongPollTests:
         assert result["status"] == 200
         assert Step.objects.get(workflow=workflow).status == "in_progress"
         assert Workflow.objects.get(id=workflow.id).n_in_progress == 1
+
+
+class DeadAgentTests:
+    def test_a_dead_agents_step_is_handed_out_again_by_the_celery_sweep(self, live_celery):
+        workflow = services.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=2)))
+        dead = make_agent("dead", ["developer"])
+        alive = make_agent("alive", ["developer"])
+        lease = services.step_pull(agent=dead.agent, roles=["developer"])
+        assert isinstance(lease, services.Lease)
+        # The dead agent never heartbeats. Within TTL (2 s) + one sweep (1 s) + start-up slack,
+        # beat and the worker put the step back and another agent gets it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            again = services.step_pull(agent=alive.agent, roles=["developer"])
+            if isinstance(again, services.Lease):
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail("the expired lease was not swept within 30 s")
+        assert again.step.id == lease.step.id and again.step.attempt == 2
+        outcomes = list(Attempt.objects.filter(step=lease.step).order_by("number").values_list("outcome", flat=True))
+        assert outcomes == [AttemptOutcome.EXPIRED, ""]
+        assert workflow.events.filter(kind="step.lease_expired").exists()
