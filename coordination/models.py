@@ -518,3 +518,32 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} #{self.seq}"
+
+
+class LockFence(models.Model):
+    """The last fencing number granted for a path in a project; each grant increments it."""
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    path = models.CharField(max_length=1024)
+    last = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "path"], name="lock_fence_unique_path")]
+
+
+class LockWaiter(models.Model):
+    """A lock request waiting its turn (`wait_s`): later requests for overlapping paths queue behind it."""
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    paths = ArrayField(models.CharField(max_length=1024))
+    mode = models.CharField(max_length=8, choices=LockMode.choices)
+    agent = models.ForeignKey(Agent, null=True, on_delete=models.CASCADE, related_name="+")
+    step = models.ForeignKey(Step, null=True, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField()
+    # A waiter whose request gave up (or whose process died) stops counting at its deadline.
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["project", "expires_at"], name="lock_waiter_active")]

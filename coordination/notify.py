@@ -1,14 +1,14 @@
-"""Wake long-polling pulls when a step of their role becomes ready.
+"""Wake waiting requests (long-polling pulls, lock requests with `wait_s`) when they may succeed.
 
-Services call `notify_ready(roles)` in the transaction that makes steps ready;
-PostgreSQL delivers `NOTIFY` only when that transaction commits, so a woken
-puller always finds the committed step. One listener thread per process holds a
-dedicated connection that `LISTEN`s and sets the `threading.Event` of every
-waiter of that role. Waiting pulls hold no database connection, no transaction
-and no request thread's database state while they wait.
+Services send `NOTIFY` in the transaction that makes waiting worthwhile (a step
+became ready, a lock was released); PostgreSQL delivers it only when that
+transaction commits, so a woken request always finds the committed change.
+One listener thread per process holds a dedicated connection that `LISTEN`s on
+every channel and sets the `threading.Event` of each waiter for that channel
+and key. Waiting requests hold no database connection and no transaction.
 
 If the listener cannot connect (PostgreSQL restarting), waiters fall back to a
-re-check every `FALLBACK_RECHECK_S`, so a pull is never stuck past its deadline.
+re-check every `FALLBACK_RECHECK_S`, so none is stuck past its deadline.
 """
 
 from __future__ import annotations
@@ -22,87 +22,127 @@ from django.db import connection
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "am_step_ready"
+STEP_READY = "am_step_ready"  # payload: a role
+LOCKS = "am_locks"  # payload: a project id
+CHANNELS = (STEP_READY, LOCKS)
 FALLBACK_RECHECK_S = 2.0
+
+
+def _notify(channel: str, keys: Iterable[str]) -> None:
+    distinct = sorted({str(key) for key in keys})
+    if not distinct:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, k) FROM unnest(%s::text[]) AS k", [channel, distinct])
 
 
 def notify_ready(roles: Iterable[str]) -> None:
     """Tell long-polling pulls of these roles, when the current transaction commits."""
-    distinct = sorted(set(roles))
-    if not distinct:
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, r) FROM unnest(%s::text[]) AS r", [CHANNEL, distinct])
+    _notify(STEP_READY, roles)
 
 
-class _Waiter:
-    __slots__ = ("roles", "event")
+def notify_locks(project_ids: Iterable[object]) -> None:
+    """Tell lock requests waiting in these projects, when the current transaction commits."""
+    _notify(LOCKS, project_ids)
 
-    def __init__(self, roles: frozenset[str]) -> None:
-        self.roles = roles
+
+class Waiter:
+    __slots__ = ("pairs", "event")
+
+    def __init__(self, channel: str, keys: frozenset[str]) -> None:
+        self.pairs = {(channel, key) for key in keys}
         self.event = threading.Event()
 
+    def also(self, channel: str, keys: Iterable[object]) -> None:
+        """Wake on these (channel, key) notifications too."""
+        with listener._lock:
+            self.pairs |= {(channel, str(key)) for key in keys}
 
-class ReadyListener:
+    def wait(self, timeout: float) -> bool:
+        """Sleep until notified or `timeout` s; shorter while the listener is disconnected."""
+        if not listener.connected.is_set():
+            timeout = min(timeout, FALLBACK_RECHECK_S)
+        woken = self.event.wait(max(0.0, timeout))
+        self.event.clear()
+        return woken
+
+
+class Listener:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: set[_Waiter] = set()
+        self._waiters: set[Waiter] = set()
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.connected = threading.Event()
 
     def _ensure_started(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="am-ready-listener", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="am-listener", daemon=True)
                 self._thread.start()
 
-    def _conninfo(self) -> dict:
+    @staticmethod
+    def _conninfo() -> dict:
         params = connection.get_connection_params()
-        params.pop("cursor_factory", None)
-        params.pop("context", None)
-        params.pop("prepare_threshold", None)
-        params.pop("server_side_binding", None)
+        for key in ("cursor_factory", "context", "prepare_threshold", "server_side_binding"):
+            params.pop(key, None)
         return params
+
+    def stop(self) -> None:
+        """Close the listening connection and end the thread (tests, before dropping their database)."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)
+        self._thread = None
+        self._stopping.clear()
+        self.connected.clear()
 
     def _run(self) -> None:
         import psycopg
 
         delay = 0.5
-        while True:
+        while not self._stopping.is_set():
             try:
                 with psycopg.connect(**self._conninfo(), autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    for channel in CHANNELS:
+                        conn.execute(f"LISTEN {channel}")
                     self.connected.set()
                     delay = 0.5
-                    # Wake everyone once: a step may have become ready while we were away.
-                    self._wake(None)
-                    while True:
-                        for note in conn.notifies(timeout=30.0):
-                            self._wake(note.payload)
-                        conn.execute("SELECT 1")  # notice a dead connection even when idle
+                    # Wake everyone once: something may have changed while we were away.
+                    self._wake(None, None)
+                    idle = 0
+                    while not self._stopping.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            self._wake(note.channel, note.payload)
+                        idle += 1
+                        if idle % 30 == 0:
+                            conn.execute("SELECT 1")  # notice a dead connection even when idle
+                return
             except Exception:  # noqa: BLE001 - keep listening whatever happens
                 self.connected.clear()
-                logger.warning("Ready-step listener lost its connection; retrying in %.1f s.", delay, exc_info=True)
+                logger.warning("The notification listener lost its connection; retrying in %.1f s.", delay,
+                               exc_info=True)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _wake(self, role: str | None) -> None:
+    def _wake(self, channel: str | None, key: str | None) -> None:
         with self._lock:
             for waiter in self._waiters:
-                if role is None or role in waiter.roles:
+                if channel is None or (channel, key) in waiter.pairs:
                     waiter.event.set()
 
-    def register(self, roles: Iterable[str]) -> _Waiter:
-        """Register before checking the queue, so a notification between check and wait is not lost."""
+    def register(self, channel: str, keys: Iterable[object]) -> Waiter:
+        """Register before checking, so a notification between the check and the wait is not lost."""
         self._ensure_started()
-        waiter = _Waiter(frozenset(roles))
+        waiter = Waiter(channel, frozenset(str(key) for key in keys))
         with self._lock:
             self._waiters.add(waiter)
         return waiter
 
-    def unregister(self, waiter: _Waiter) -> None:
+    def unregister(self, waiter: Waiter) -> None:
         with self._lock:
             self._waiters.discard(waiter)
 
 
-listener = ReadyListener()
+listener = Listener()

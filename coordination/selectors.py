@@ -9,7 +9,8 @@ from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from coordination.errors import NotFound
-from coordination.models import Agent, AuditReport, Event, Step, StepDependency, StepStatus, Workflow
+from coordination.models import Agent, AuditReport, Event, FileLock, Step, StepDependency, StepStatus, Workflow
+from coordination.paths import paths_overlap
 
 
 def workflow_list_recent(*, limit: int = 50) -> QuerySet[Workflow]:
@@ -71,3 +72,21 @@ def agents_with_load() -> QuerySet[Agent]:
         locks_held=Count("locks", filter=Q(locks__released_at__isnull=True, locks__expires_at__gt=now), distinct=True),
         online_q=Count("id", filter=Q(last_seen_at__gte=cutoff, enabled=True)),
     )
+
+
+def locks_live(*, project: str | None = None, path: str | None = None, agent: str | None = None) -> list[FileLock]:
+    """Locks not released and not expired, optionally those overlapping a normalised `path`."""
+    locks = FileLock.objects.filter(released_at__isnull=True, expires_at__gt=timezone.now()).select_related(
+        "project", "agent"
+    ).order_by("project__name", "path", "acquired_at")
+    if project is not None:
+        locks = locks.filter(project__name=project)
+    if agent is not None:
+        locks = locks.filter(agent__name=agent)
+    if path is None:
+        return list(locks)
+    return [lock for lock in locks if paths_overlap(lock.path, path)]
+
+
+def locks_by_id(ids) -> list[FileLock]:
+    return list(FileLock.objects.filter(id__in=ids).select_related("project", "agent").order_by("path"))

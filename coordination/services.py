@@ -16,6 +16,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -34,6 +35,7 @@ from coordination.errors import (
     InvalidRequest,
     InvalidState,
     InvalidWorkflow,
+    LockConflict,
     NotFound,
     StaleLease,
 )
@@ -57,7 +59,7 @@ from coordination.models import (
     Workflow,
     WorkflowStatus,
 )
-from coordination.paths import normalise_path
+from coordination.paths import normalise_path, paths_overlap
 
 _ROLE_RE = re.compile(ROLE_PATTERN)
 _KEY_RE = re.compile(KEY_PATTERN)
@@ -555,9 +557,19 @@ class Lease:
 
 @dataclass
 class PullMiss:
-    """No step was ready; `next_available_at` is when a backed-off step becomes ready, if any."""
+    """No step was handed out.
+
+    `next_available_at`: when a backed-off step becomes ready, if any.
+    `blocked_projects`: projects whose ready steps were passed over because
+    their declared files are locked; a lock released there is worth a re-check.
+    """
 
     next_available_at: datetime | None
+    blocked_projects: set[UUID] = field(default_factory=set)
+
+
+# How many ready steps a pull may pass over because their files are locked.
+MAX_LOCK_BLOCKED_CANDIDATES = 25
 
 
 _CLAIM_SQL = """
@@ -635,14 +647,41 @@ def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> L
             capacity=agent.capacity,
         )
     now = timezone.now()
+    passed_over: list[UUID] = []
+    blocked_projects: set[UUID] = set()
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_SQL, [roles, now, []])
-        row = cursor.fetchone()
-        if row is None:
-            cursor.execute(_NEXT_AVAILABLE_SQL, [roles, now])
-            return PullMiss(next_available_at=cursor.fetchone()[0])
-    step = Step.objects.select_related("workflow__project").get(id=row[0])
-    return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now)
+        for _ in range(MAX_LOCK_BLOCKED_CANDIDATES):
+            cursor.execute(_CLAIM_SQL, [roles, now, passed_over])
+            row = cursor.fetchone()
+            if row is None:
+                break
+            step = Step.objects.select_related("workflow__project").get(id=row[0])
+            if step.files and _declared_files_blocked(step=step, agent=agent):
+                # Lock-aware scheduling: hand out another step rather than one that would wait.
+                passed_over.append(step.id)
+                blocked_projects.add(step.workflow.project_id)
+                continue
+            return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now)
+        cursor.execute(_NEXT_AVAILABLE_SQL, [roles, now])
+        return PullMiss(next_available_at=cursor.fetchone()[0], blocked_projects=blocked_projects)
+
+
+def _declared_files_by_mode(step: Step) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for file in step.files:
+        groups.setdefault(file["mode"], []).append(file["path"])
+    return {mode: sorted(paths) for mode, paths in groups.items()}
+
+
+def _declared_files_blocked(*, step: Step, agent: Agent) -> bool:
+    """Whether a step's declared files are held by others (or queued for); takes the project's lock."""
+    project_id = step.workflow.project_id
+    now = _lock_project(project_id)
+    return any(
+        _lock_blockers(project_id=project_id, paths=paths, mode=mode, agent_id=agent.id, step_id=step.id,
+                       now=now, waiter_id=None)
+        for mode, paths in _declared_files_by_mode(step).items()
+    )
 
 
 def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime) -> Lease:
@@ -665,10 +704,18 @@ def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime) -> 
     step.started_at = step.started_at or now
     step.save(update_fields=["status", "attempt", "lease_agent", "lease_token_hash", "lease_expires_at",
                              "lease_attempt", "started_at", "updated_at"])
+    data = {"agent": agent.name, "attempt": attempt.number, "expires_at": _iso(attempt.expires_at)}
+    if step.files:
+        # The declared files come with the lease, in the same transaction (the project lock is held).
+        lock_now = _db_now()
+        locks = []
+        for mode, paths in _declared_files_by_mode(step).items():
+            locks += _grant_locks(project_id=step.workflow.project_id, paths=paths, mode=mode, agent=agent,
+                                  step=step, expires_at=step.lease_expires_at, now=lock_now)
+        data.update(_lock_event_data(locks))
     snapshot = _workflow_move(step.workflow_id, {StepStatus.READY: -1, StepStatus.IN_PROGRESS: +1})
     event_record_many([
-        _event(snapshot.seqs(), "step.leased", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
-               data={"agent": agent.name, "attempt": attempt.number, "expires_at": attempt.expires_at.isoformat()})
+        _event(snapshot.seqs(), "step.leased", workflow_id=step.workflow_id, step=step, agent_id=agent.id, data=data)
     ])
     return Lease(step=step, attempt=attempt, token=token, inputs=step_inputs(step))
 
@@ -1193,13 +1240,360 @@ def agent_seen(*, agent: Agent, now: datetime | None = None) -> None:
         agent.last_seen_at = now
 
 
-# --- file locks tied to steps (completed in the locks module) -----------------
+# --- file locks -------------------------------------------------------------
+#
+# A lock is granted under a transaction-scoped advisory lock per project, so two
+# requests for overlapping paths (`src/` and `src/app.py`) are decided one after
+# the other. Timestamps of grants and releases come from the database clock read
+# after that lock, so the stored history orders grants exactly as they happened.
+
+MAX_PATHS_PER_REQUEST = 200
+LOCK_TTL_DEFAULT_S = 300
+LOCK_TTL_MAX_S = 3600
+LOCK_WAIT_MAX_S = 30
+
+
+@dataclass
+class LockBlocker:
+    path: str
+    mode: str
+    held_by: str | None
+    step_id: UUID | None
+    expires_at: datetime
+    queued: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "mode": self.mode,
+            "held_by": self.held_by,
+            "step_id": str(self.step_id) if self.step_id else None,
+            "expires_at": _iso(self.expires_at),
+            **({"queued": True} if self.queued else {}),
+        }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(dt_timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _advisory_key(project_id: UUID) -> int:
+    value = project_id.int >> 64
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _lock_project(project_id: UUID) -> datetime:
+    """Serialise lock decisions in a project; return the database clock read after the lock."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [_advisory_key(project_id)])
+        return cursor.fetchone()[1]
+
+
+def _db_now() -> datetime:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0]
+
+
+def normalise_paths(raw_paths: list[Any]) -> list[str]:
+    if not isinstance(raw_paths, list) or not raw_paths:
+        raise InvalidRequest("Give at least one path in `paths`.")
+    if len(raw_paths) > MAX_PATHS_PER_REQUEST:
+        raise InvalidRequest(f"At most {MAX_PATHS_PER_REQUEST} paths per request; split it up.")
+    return sorted({normalise_path(raw) for raw in raw_paths})
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _overlap_candidates(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Paths a live lock may have to overlap `paths` (exact values and LIKE prefixes), for an indexed query."""
+    exact = {"./"}
+    prefixes: list[str] = []
+    for path in paths:
+        exact.add(path)
+        if path == "./":
+            prefixes.append("%")
+            continue
+        if path.endswith("/"):
+            exact.add(path[:-1])
+            prefixes.append(_like_escape(path) + "%")
+        else:
+            exact.add(path + "/")
+        parts = path.rstrip("/").split("/")
+        for depth in range(1, len(parts)):
+            exact.add("/".join(parts[:depth]) + "/")
+    return sorted(exact), prefixes
+
+
+def _modes_conflict(a: str, b: str) -> bool:
+    return a == LockMode.WRITE or b == LockMode.WRITE
+
+
+def _lock_blockers(
+    *, project_id: UUID, paths: list[str], mode: str, agent_id: UUID | None, step_id: UUID | None,
+    now: datetime, waiter_id: int | None,
+) -> list[LockBlocker]:
+    """Live locks, and requests queued ahead, that stop `paths` being granted in `mode` to this holder.
+
+    A holder is (agent, step): an agent's locks never block each other, except
+    across its different steps, which may run at the same time.
+    """
+    from coordination.models import LockWaiter
+
+    exact, prefixes = _overlap_candidates(paths)
+    blockers: list[LockBlocker] = []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT l.path, l.mode, l.agent_id, a.name, l.step_id, l.expires_at
+            FROM coordination_filelock l LEFT JOIN coordination_agent a ON a.id = l.agent_id
+            WHERE l.project_id = %s AND l.released_at IS NULL AND l.expires_at > %s
+              AND (l.path = ANY(%s::text[]) OR l.path LIKE ANY(%s::text[]))
+            ORDER BY l.path, l.acquired_at
+            """,
+            [project_id, now, exact, prefixes],
+        )
+        for path, held_mode, held_agent, name, held_step, expires in cursor.fetchall():
+            if held_agent == agent_id and held_step == step_id:
+                continue
+            if _modes_conflict(mode, held_mode) and any(paths_overlap(path, mine) for mine in paths):
+                blockers.append(LockBlocker(path, held_mode, name, held_step, expires))
+    waiters = LockWaiter.objects.filter(project_id=project_id, expires_at__gt=now).select_related("agent")
+    if waiter_id is not None:
+        waiters = waiters.filter(id__lt=waiter_id)
+    for waiter in waiters.order_by("id"):
+        if waiter.agent_id == agent_id and waiter.step_id == step_id:
+            continue
+        if not _modes_conflict(mode, waiter.mode):
+            continue
+        for path in waiter.paths:
+            if any(paths_overlap(path, mine) for mine in paths):
+                blockers.append(LockBlocker(path, waiter.mode, waiter.agent.name if waiter.agent else None,
+                                            waiter.step_id, waiter.expires_at, queued=True))
+                break
+    return blockers
+
+
+def _grant_locks(
+    *, project_id: UUID, paths: list[str], mode: str, agent: Agent | None, step: Step | None,
+    expires_at: datetime, now: datetime,
+):
+    """Insert the grants with fencing numbers larger than any before them for their paths."""
+    from coordination.models import FileLock
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO coordination_lockfence (project_id, path, last)
+            SELECT %s, p, 1 FROM unnest(%s::text[]) AS p
+            ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
+            RETURNING path, last
+            """,
+            [project_id, paths],
+        )
+        fencing = dict(cursor.fetchall())
+    locks = [
+        FileLock(project_id=project_id, path=path, mode=mode, agent=agent, step=step, fencing=fencing[path],
+                 acquired_at=now, expires_at=expires_at)
+        for path in paths
+    ]
+    FileLock.objects.bulk_create(locks)
+    return locks
+
+
+def _lock_event_data(locks) -> dict[str, Any]:
+    return {"locks": [{"path": lock.path, "mode": lock.mode, "fencing": lock.fencing} for lock in locks]}
+
+
+@dataclass
+class LockAttempt:
+    granted: list | None
+    blockers: list[LockBlocker]
+    project_id: UUID
+
+
+@transaction.atomic
+def _locks_try(
+    *, agent: Agent, project_name: str | None, paths: list[str], mode: str, step_id: UUID | None,
+    lease_token: str | None, ttl_s: int, waiter_id: int | None,
+) -> LockAttempt:
+    step = None
+    if step_id is not None:
+        step = _locked_step(step_id)
+        _held_attempt(step, agent, lease_token or "")
+        if not _lease_live(step, timezone.now()):
+            raise StaleLease(f"The lease on step {step.key!r} has ended; its locks cannot be taken.",
+                             step_status=step.status)
+        project = Project.objects.get(id=step.workflow.project_id)
+        if project_name and project_name != project.name:
+            raise InvalidRequest(
+                f"Step {step.key!r} works in project {project.name!r}, not {project_name!r}; omit `project` or fix it."
+            )
+    else:
+        name = project_name or "default"
+        project = project_get_or_create(name=name) if name == "default" else Project.objects.filter(name=name).first()
+        if project is None:
+            raise NotFound(f"Project {project_name!r} does not exist: check the name (workflows create projects).")
+    now = _lock_project(project.id)
+    blockers = _lock_blockers(project_id=project.id, paths=paths, mode=mode, agent_id=agent.id,
+                              step_id=step.id if step else None, now=now, waiter_id=waiter_id)
+    if blockers:
+        return LockAttempt(granted=None, blockers=blockers, project_id=project.id)
+    expires_at = step.lease_expires_at if step is not None else now + timedelta(seconds=ttl_s)
+    locks = _grant_locks(project_id=project.id, paths=paths, mode=mode, agent=agent, step=step,
+                         expires_at=expires_at, now=now)
+    event_record(kind="locks.granted", workflow_id=step.workflow_id if step else None,
+                 step_id=step.id if step else None, agent_id=agent.id,
+                 data={"project": project.name, "agent": agent.name, **_lock_event_data(locks)})
+    return LockAttempt(granted=locks, blockers=[], project_id=project.id)
+
+
+def locks_acquire(
+    *, agent: Agent, paths: list[Any], mode: str, project_name: str | None = None, step_id: UUID | None = None,
+    lease_token: str | None = None, ttl_s: int | None = None, wait_s: float = 0,
+    release_connection=None,
+) -> list:
+    """Grant all `paths` in `mode` to `agent`, or none (`LockConflict` naming the blockers).
+
+    With `wait_s`, the request queues (a `LockWaiter` row) and waits for the
+    blockers to go, holding no transaction: it re-checks when a lock of the
+    project is released (NOTIFY) or the first blocker expires. Requests queued
+    earlier for overlapping paths go first, so readers cannot starve a writer.
+    Under a step lease (`step_id` + `lease_token`) the locks follow the lease:
+    they expire with it, heartbeats renew them and the step's end releases them.
+    """
+    from coordination.models import LockWaiter
+
+    if mode not in LockMode.values:
+        raise InvalidRequest(f"mode {mode!r} is not 'read' or 'write'.")
+    if (step_id is None) != (lease_token is None):
+        raise InvalidRequest("Give `step_id` and `lease_token` together (a lock under a step lease), or neither.")
+    normalised = normalise_paths(paths)
+    ttl = ttl_s or LOCK_TTL_DEFAULT_S
+    if not 1 <= ttl <= LOCK_TTL_MAX_S:
+        raise InvalidRequest(f"ttl_s={ttl} is out of range 1..{LOCK_TTL_MAX_S}.")
+    if not 0 <= wait_s <= LOCK_WAIT_MAX_S:
+        raise InvalidRequest(f"wait_s={wait_s} is out of range 0..{LOCK_WAIT_MAX_S}.")
+    deadline = _monotonic() + wait_s
+    waiter_row: LockWaiter | None = None
+    waiter = None
+    try:
+        while True:
+            attempt = _locks_try(agent=agent, project_name=project_name, paths=normalised, mode=mode,
+                                 step_id=step_id, lease_token=lease_token, ttl_s=ttl,
+                                 waiter_id=waiter_row.id if waiter_row else None)
+            if attempt.granted is not None:
+                return attempt.granted
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                first = attempt.blockers[0]
+                who = f"{first.held_by or 'another holder'}{' (queued ahead)' if first.queued else ''}"
+                raise LockConflict(
+                    f"{first.path} is held ({first.mode}) by {who} until {_iso(first.expires_at)}: "
+                    "pick another step, wait (wait_s), or retry later.",
+                    conflicts=[blocker.as_dict() for blocker in attempt.blockers],
+                )
+            if waiter_row is None:
+                from coordination import notify as _notify_module
+
+                waiter = _notify_module.listener.register(_notify_module.LOCKS, [attempt.project_id])
+                now = _db_now()
+                waiter_row = LockWaiter.objects.create(
+                    project_id=attempt.project_id, paths=normalised, mode=mode, agent=agent, step_id=step_id,
+                    created_at=now, expires_at=now + timedelta(seconds=remaining + 1),
+                )
+                continue  # re-check at once as a queued request
+            soonest = min(blocker.expires_at for blocker in attempt.blockers)
+            timeout = min(remaining, max(0.01, (soonest - _db_now()).total_seconds()))
+            if release_connection is not None:
+                release_connection()
+            waiter.wait(timeout)
+    finally:
+        if waiter is not None:
+            from coordination import notify as _notify_module
+
+            _notify_module.listener.unregister(waiter)
+        if waiter_row is not None:
+            with transaction.atomic():
+                LockWaiter.objects.filter(id=waiter_row.id).delete()
+                # Requests queued behind this one may go now.
+                notify.notify_locks([waiter_row.project_id])
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _lock_for_update(lock_id: UUID):
+    from coordination.models import FileLock
+
+    lock = (
+        FileLock.objects.select_for_update(of=("self",))
+        .select_related("agent", "project", "step")
+        .filter(id=lock_id)
+        .first()
+    )
+    if lock is None:
+        raise NotFound(f"Lock {lock_id} does not exist.")
+    return lock
+
+
+def _may_manage_lock(lock, *, agent: Agent | None, user: AbstractBaseUser | None) -> bool:
+    if agent is not None:
+        return lock.agent_id == agent.id
+    return bool(user is not None and user.is_authenticated and user.is_staff)
+
+
+@transaction.atomic
+def lock_release(*, lock_id: UUID, agent: Agent | None = None, user: AbstractBaseUser | None = None,
+                 reason: str = "released"):
+    """Release a lock: its holder, or staff (a force-release). Releasing a released lock changes nothing."""
+    lock = _lock_for_update(lock_id)
+    if not _may_manage_lock(lock, agent=agent, user=user):
+        raise Forbidden("Only the lock's holder, or staff, may release it.")
+    if lock.released_at is not None:
+        return lock
+    now = _db_now()
+    lock.released_at = min(now, lock.expires_at)
+    lock.release_reason = (reason if agent is not None else "forced")[:32]
+    lock.save(update_fields=["released_at", "release_reason"])
+    notify.notify_locks([lock.project_id])
+    event_record(kind="locks.released", workflow_id=lock.step.workflow_id if lock.step else None,
+                 step_id=lock.step_id, agent_id=lock.agent_id,
+                 data={"project": lock.project.name, "reason": lock.release_reason, **_actor(user, agent),
+                       **_lock_event_data([lock])})
+    return lock
+
+
+@transaction.atomic
+def lock_renew(*, lock_id: UUID, ttl_s: int, agent: Agent | None = None, user: AbstractBaseUser | None = None):
+    """Extend a live lock by `ttl_s` from now; a lock already expired or released is lost (409)."""
+    if not 1 <= ttl_s <= LOCK_TTL_MAX_S:
+        raise InvalidRequest(f"ttl_s={ttl_s} is out of range 1..{LOCK_TTL_MAX_S}.")
+    lock = _lock_for_update(lock_id)
+    if not _may_manage_lock(lock, agent=agent, user=user):
+        raise Forbidden("Only the lock's holder, or staff, may renew it.")
+    now = _db_now()
+    if lock.released_at is not None or lock.expires_at <= now:
+        raise Conflict(
+            f"The lock on {lock.path} has {'been released' if lock.released_at else 'expired'}; acquire it again.",
+        )
+    lock.expires_at = now + timedelta(seconds=ttl_s)
+    lock.save(update_fields=["expires_at"])
+    return lock
 
 
 def lock_renew_for_step(*, step: Step, expires_at: datetime) -> int:
+    """A heartbeat carries the step's locks along with its lease."""
     from coordination.models import FileLock
 
-    return FileLock.objects.filter(step=step, released_at__isnull=True).update(expires_at=expires_at)
+    return FileLock.objects.filter(step=step, released_at__isnull=True, expires_at__gt=timezone.now()).update(
+        expires_at=expires_at
+    )
 
 
 def lock_release_for_step(*, step: Step, reason: str) -> int:
@@ -1207,10 +1601,58 @@ def lock_release_for_step(*, step: Step, reason: str) -> int:
 
 
 def lock_release_for_steps(*, step_ids: list[UUID], reason: str) -> int:
-    from coordination.models import FileLock
-
+    """Release every live lock taken under these steps (their end, or their lease's)."""
     if not step_ids:
         return 0
-    return FileLock.objects.filter(step_id__in=step_ids, released_at__isnull=True).update(
-        released_at=timezone.now(), release_reason=reason[:32]
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE coordination_filelock l
+            SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = %s
+            FROM coordination_step s
+            WHERE l.step_id = ANY(%s::uuid[]) AND l.released_at IS NULL AND s.id = l.step_id
+            RETURNING l.project_id, s.workflow_id, l.step_id, l.agent_id, l.path, l.mode, l.fencing
+            """,
+            [reason[:32], step_ids],
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return 0
+    notify.notify_locks({row[0] for row in rows})
+    by_step: dict[tuple, list] = {}
+    for project_id, workflow_id, step_id, agent_id, path, mode, fencing in rows:
+        by_step.setdefault((workflow_id, step_id, agent_id), []).append({"path": path, "mode": mode, "fencing": fencing})
+    for (workflow_id, step_id, agent_id), locks in by_step.items():
+        event_record(kind="locks.released", workflow_id=workflow_id, step_id=step_id, agent_id=agent_id,
+                     data={"reason": reason, "locks": locks})
+    return len(rows)
+
+
+def locks_sweep() -> int:
+    """Mark expired locks released (they stopped blocking at `expires_at` already) and record it."""
+    from coordination.models import LockWaiter
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                UPDATE coordination_filelock l
+                SET released_at = l.expires_at, release_reason = 'expired'
+                WHERE l.released_at IS NULL AND l.expires_at <= clock_timestamp()
+                RETURNING l.project_id, l.step_id, l.agent_id, l.path, l.mode, l.fencing
+                """
+            )
+            rows = cursor.fetchall()
+        LockWaiter.objects.filter(expires_at__lt=timezone.now() - timedelta(minutes=1)).delete()
+        if not rows:
+            return 0
+        workflow_of = dict(Step.objects.filter(id__in={row[1] for row in rows if row[1]}).values_list("id", "workflow_id"))
+        grouped: dict[tuple, list] = {}
+        for project_id, step_id, agent_id, path, mode, fencing in rows:
+            key = (workflow_of.get(step_id), step_id, agent_id)
+            grouped.setdefault(key, []).append({"path": path, "mode": mode, "fencing": fencing})
+        for (workflow_id, step_id, agent_id), locks in grouped.items():
+            event_record(kind="locks.expired", workflow_id=workflow_id, step_id=step_id, agent_id=agent_id,
+                         data={"locks": locks})
+        notify.notify_locks({row[0] for row in rows})
+    return len(rows)

@@ -263,6 +263,22 @@ class StepStatusOutSerializer(serializers.Serializer):
     status = StrictCharField()
 
 
+class LockInSerializer(StrictSerializer):
+    project = StrictCharField(max_length=64, required=False, help_text="Default: the step's project, else 'default'.")
+    paths = serializers.ListField(child=StrictCharField(max_length=1024, trim_whitespace=False), min_length=1,
+                                  max_length=200)
+    mode = serializers.ChoiceField(choices=LockMode.choices)
+    step_id = serializers.UUIDField(required=False, help_text="Take the locks under this step's lease.")
+    lease_token = StrictCharField(max_length=200, required=False)
+    ttl_s = StrictIntegerField(required=False, min_value=1, max_value=3600,
+                               help_text="Default 300; locks under a lease follow the lease instead.")
+    wait_s = StrictFloatField(required=False, default=0, min_value=0, max_value=30)
+
+
+class LockRenewInSerializer(StrictSerializer):
+    ttl_s = StrictIntegerField(min_value=1, max_value=3600)
+
+
 # --- responses -------------------------------------------------------------
 
 
@@ -470,3 +486,30 @@ class AgentOutSerializer(serializers.Serializer):
     last_seen_at = serializers.DateTimeField(allow_null=True)
     steps_held = serializers.IntegerField()
     locks_held = serializers.IntegerField()
+
+
+class LockOutSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    project = serializers.CharField(source="project.name")
+    path = serializers.CharField()
+    mode = serializers.CharField()
+    fencing = serializers.IntegerField(help_text="Grows with every grant of this path: tells a stale holder apart.")
+    held_by = serializers.SerializerMethodField()
+    step_id = serializers.UUIDField(allow_null=True)
+    acquired_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+    released_at = serializers.DateTimeField(allow_null=True)
+
+    def get_held_by(self, lock) -> str | None:
+        return lock.agent.name if lock.agent else None
+
+
+class LockListSerializer(serializers.Serializer):
+    locks = LockOutSerializer(many=True)
+
+
+class LockConflictSerializer(serializers.Serializer):
+    error = serializers.CharField()
+    detail = serializers.CharField()
+    conflicts = serializers.ListField(child=serializers.DictField(),
+                                      help_text="Each: path, mode, held_by, step_id, expires_at (queued: true for a request ahead).")

@@ -16,7 +16,8 @@ from rest_framework.views import APIView
 from coordination import notify, selectors, services
 from coordination.api import serializers as s
 from coordination.api.auth import CanSubmit, IsAgent, IsAuthenticated, request_agent
-from coordination.errors import InvalidRequest, NotFound
+from coordination.errors import Forbidden, InvalidRequest, NotFound
+from coordination.paths import normalise_path
 from coordination.models import ROLE_PATTERN, Workflow, WorkflowStatus
 
 _ROLE_RE = re.compile(ROLE_PATTERN)
@@ -102,7 +103,7 @@ class PullView(APIBase):
         if len(key) > 200:
             raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
         deadline = time.monotonic() + wait
-        waiter = notify.listener.register(roles) if wait > 0 else None
+        waiter = notify.listener.register(notify.STEP_READY, roles) if wait > 0 else None
         try:
             while True:
                 result = services.step_pull(agent=agent, roles=roles, idempotency_key=key)
@@ -112,18 +113,21 @@ class PullView(APIBase):
                 if waiter is None or remaining <= 0:
                     return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
                 timeout = remaining
+                # Steps passed over for locked files may go once a lock in their project is released.
+                waiter.also(notify.LOCKS, result.blocked_projects)
                 if result.next_available_at is not None:
                     timeout = min(timeout, max(0.01, (result.next_available_at - timezone.now()).total_seconds()))
-                if not notify.listener.connected.is_set():
-                    timeout = min(timeout, notify.FALLBACK_RECHECK_S)
-                if not connection.in_atomic_block:
-                    # Hold no database connection while waiting.
-                    connection.close()
-                waiter.event.wait(timeout)
-                waiter.event.clear()
+                release_connection()
+                waiter.wait(timeout)
         finally:
             if waiter is not None:
                 notify.listener.unregister(waiter)
+
+
+def release_connection() -> None:
+    """Hold no database connection while a request waits (unless a test transaction wraps it)."""
+    if not connection.in_atomic_block:
+        connection.close()
 
 
 def _parse_wait(raw: str | None) -> float:
@@ -438,3 +442,82 @@ class AgentMeView(APIBase):
         agent = selectors.agents_with_load().get(id=request_agent(request).id)
         return Response(_agent_payload(agent))
 
+
+
+# --- file locks ----------------------------------------------------------------
+
+
+class LockListView(APIBase):
+    query_params_allowed = frozenset({"project", "path", "agent"})
+
+    @extend_schema(
+        operation_id="list_locks",
+        summary="Live file locks (not released, not expired)",
+        parameters=[
+            OpenApiParameter("project", OpenApiTypes.STR, required=False),
+            OpenApiParameter("path", OpenApiTypes.STR, required=False,
+                             description="Locks that overlap this path (a directory covers what is under it)."),
+            OpenApiParameter("agent", OpenApiTypes.STR, required=False, description="Holder's agent name."),
+        ],
+        responses={200: s.LockListSerializer, **BAD_REQUEST, **AUTH_ERRORS},
+    )
+    def get(self, request):
+        path = request.query_params.get("path")
+        locks = selectors.locks_live(project=request.query_params.get("project"),
+                                     path=normalise_path(path) if path is not None else None,
+                                     agent=request.query_params.get("agent"))
+        return _no_store(Response(s.LockListSerializer({"locks": locks}).data))
+
+    @extend_schema(
+        operation_id="acquire_locks",
+        summary="Lock paths of a project's workspace: all or none",
+        description=(
+            "`read` locks are shared, `write` locks are alone; a path ending in `/` covers everything under it. "
+            "With `wait_s` the request queues behind earlier ones and waits for the holders to go. Under a step "
+            "lease (`step_id` + `lease_token`) the locks follow the lease and end with the step."
+        ),
+        request=s.LockInSerializer,
+        responses={
+            201: s.LockListSerializer,
+            400: _error("invalid_path (absolute, climbs out with '..', empty, NUL) or invalid_request."),
+            409: OpenApiResponse(s.LockConflictSerializer, description="lock_conflict, or stale_lease for a lease that ended."),
+            **AUTH_ERRORS, **NOT_FOUND, **TOO_LARGE,
+        },
+    )
+    def post(self, request):
+        agent = request_agent(request)
+        if agent is None:
+            raise Forbidden("Only agents take locks; people release them from the dashboard or the admin.")
+        body = s.LockInSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        locks = services.locks_acquire(
+            agent=agent, paths=data["paths"], mode=data["mode"], project_name=data.get("project"),
+            step_id=data.get("step_id"), lease_token=data.get("lease_token"), ttl_s=data.get("ttl_s"),
+            wait_s=data["wait_s"], release_connection=release_connection,
+        )
+        locks = selectors.locks_by_id([lock.id for lock in locks])
+        return _no_store(Response(s.LockListSerializer({"locks": locks}).data, status=status.HTTP_201_CREATED))
+
+
+class LockDetailView(APIBase):
+    @extend_schema(operation_id="release_lock", summary="Release a lock (its holder, or staff)",
+                   responses={204: OpenApiResponse(description="Released (or it was already)."), **AUTH_ERRORS,
+                              **NOT_FOUND})
+    def delete(self, request, lock_id: UUID):
+        user, agent = _user_and_agent(request)
+        services.lock_release(lock_id=lock_id, agent=agent, user=user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class LockRenewView(APIBase):
+    @extend_schema(operation_id="renew_lock", summary="Extend a live lock by ttl_s from now (its holder, or staff)",
+                   request=s.LockRenewInSerializer,
+                   responses={200: s.LockOutSerializer, 409: _error("The lock expired or was released: acquire it again."),
+                              **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND})
+    def post(self, request, lock_id: UUID):
+        body = s.LockRenewInSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        user, agent = _user_and_agent(request)
+        lock = services.lock_renew(lock_id=lock_id, ttl_s=body.validated_data["ttl_s"], agent=agent, user=user)
+        return _no_store(Response(s.LockOutSerializer(selectors.locks_by_id([lock.id])[0]).data))

@@ -26,6 +26,15 @@ def make_agent(name: str, roles: list[str], capacity: int = 1, can_submit: bool 
     return AgentWithToken(agent, token)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_notification_listener(django_db_setup):
+    """The listener thread keeps a connection to the test database; close it before the database is dropped."""
+    yield
+    from coordination.notify import listener
+
+    listener.stop()
+
+
 @pytest.fixture
 def developer(db) -> AgentWithToken:
     """A permitted agent: holds the developer role."""

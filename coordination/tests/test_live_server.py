@@ -138,3 +138,30 @@ class DeadAgentTests:
         outcomes = list(Attempt.objects.filter(step=lease.step).order_by("number").values_list("outcome", flat=True))
         assert outcomes == [AttemptOutcome.EXPIRED, ""]
         assert workflow.events.filter(kind="step.lease_expired").exists()
+
+
+class LockAwareLongPollTests:
+    def test_a_pull_waiting_on_a_locked_file_wakes_when_the_lock_is_released(self, live_am):
+        services.workflow_create(spec=workflow_spec(
+            step("R1", files=(("report.md", "write"),)), step("R2", files=(("report.md", "write"),))))
+        first = make_agent("first", ["developer"])
+        second = make_agent("second", ["developer"])
+        lease = services.step_pull(agent=first.agent, roles=["developer"])
+        outcome: dict = {}
+
+        def wait_for_step() -> None:
+            response = httpx.get(f"{live_am}/v1/tasks/developer/ready?wait=20", headers=_auth(second.token), timeout=30)
+            outcome["status"] = response.status_code
+            outcome["key"] = response.json()["step"]["key"] if response.status_code == 200 else None
+            outcome["at"] = time.monotonic()
+
+        thread = threading.Thread(target=wait_for_step)
+        thread.start()
+        time.sleep(1.5)
+        assert thread.is_alive(), "R2 is ready but its file is locked: the pull must wait"
+        reported_at = time.monotonic()
+        services.step_report(step_id=lease.step.id, agent=first.agent, lease_token=lease.token,
+                             outcome=services.Outcome(status="completed"))
+        thread.join(timeout=25)
+        assert outcome["status"] == 200 and outcome["key"] == "R2"
+        assert outcome["at"] - reported_at < 10
