@@ -263,10 +263,22 @@ class StepStatusOutSerializer(serializers.Serializer):
     status = StrictCharField()
 
 
+class RawPathField(serializers.Field):
+    """A path handed as is to the normaliser, which answers every bad form with `invalid_path`."""
+
+    def to_internal_value(self, data):
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
 class LockInSerializer(StrictSerializer):
     project = StrictCharField(max_length=64, required=False, help_text="Default: the step's project, else 'default'.")
-    paths = serializers.ListField(child=StrictCharField(max_length=1024, trim_whitespace=False), min_length=1,
-                                  max_length=200)
+    paths = serializers.ListField(
+        child=RawPathField(), min_length=1, max_length=200,
+        help_text="Relative POSIX paths; a trailing '/' locks a directory and everything under it.",
+    )
     mode = serializers.ChoiceField(choices=LockMode.choices)
     step_id = serializers.UUIDField(required=False, help_text="Take the locks under this step's lease.")
     lease_token = StrictCharField(max_length=200, required=False)

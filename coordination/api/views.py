@@ -58,6 +58,10 @@ class APIBase(APIView):
         if unknown:
             known = ", ".join(sorted(self.query_params_allowed)) or "none"
             raise InvalidRequest(f"Unknown query parameter(s): {', '.join(map(repr, unknown))}; known: {known}.")
+        for name, values in request.query_params.lists():
+            if any("\x00" in value for value in values):
+                # PostgreSQL cannot compare text holding NUL: refuse it here rather than fail there.
+                raise InvalidRequest(f"Query parameter {name!r} contains a NUL character.")
 
 
 # --- pull, heartbeat, report ---------------------------------------------------
@@ -445,6 +449,16 @@ class AgentMeView(APIBase):
 
 
 # --- file locks ----------------------------------------------------------------
+
+
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension  # noqa: E402
+
+
+class RawPathFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "coordination.api.serializers.RawPathField"
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "string", "maxLength": 1024}
 
 
 class LockListView(APIBase):

@@ -121,3 +121,13 @@ class BadInputTests:
         body = owner_client.get("/v1/workflows?project=p1&limit=1").json()
         assert body["count"] == 2 and len(body["results"]) == 1 and body["next"]
         assert owner_client.get("/v1/workflows?status=running").json()["count"] == 3
+
+
+class QueryParameterTests:
+    def test_a_nul_in_a_query_filter_is_400_not_a_500(self, owner_client, developer):
+        _assert_error(owner_client.get("/v1/locks?agent=a%00b"), 400, "invalid_request")
+        _assert_error(owner_client.get("/v1/workflows?project=p%00"), 400, "invalid_request")
+
+    def test_an_unknown_query_parameter_is_400(self, owner_client):
+        body = _assert_error(owner_client.get("/v1/workflows?stauts=running"), 400, "invalid_request")
+        assert "stauts" in body["detail"]

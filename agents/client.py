@@ -1,0 +1,139 @@
+"""The worker API (`/v1`) over HTTP. Needs only httpx: no database, no Django settings.
+
+Transport failures and `5xx`/`503` answers are retried with capped exponential
+backoff (the server restarting, PostgreSQL down for a while); `4xx` answers are
+raised at once as `ApiError` with the server's `error` code and `detail`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger("agents.client")
+
+
+class ApiError(Exception):
+    """The server refused the request (4xx): `code` is its `error`, `detail` its sentence."""
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.body = body or {}
+
+
+class Unreachable(Exception):
+    """The server could not be reached (or kept failing) within the retry budget."""
+
+
+@dataclass
+class Pulled:
+    step: dict[str, Any]
+    workflow: dict[str, Any]
+    lease: dict[str, Any]
+
+    @property
+    def step_id(self) -> str:
+        return self.step["id"]
+
+    @property
+    def token(self) -> str:
+        return self.lease["token"]
+
+
+class Client:
+    def __init__(self, server: str, token: str, *, timeout: float = 45.0, max_backoff: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.server,
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "am-agent/1"},
+            timeout=timeout,
+        )
+        self.max_backoff = max_backoff
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.closed.set()
+        self._http.close()
+
+    def request(
+        self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+        headers: dict | None = None, retry_for: float = 60.0, timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send, retrying transport errors and 5xx for up to `retry_for` seconds (forever when None)."""
+        delay = 0.5
+        started = time.monotonic()
+        while True:
+            try:
+                response = self._http.request(method, path, json=json, params=params, headers=headers,
+                                              timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code < 500:
+                    if response.status_code >= 400:
+                        raise _api_error(response)
+                    return response
+                problem = f"{response.status_code} {_detail(response)}"
+            if self.closed.is_set():
+                raise Unreachable(f"{method} {path}: client closed ({problem})")
+            if retry_for is not None and time.monotonic() - started > retry_for:
+                raise Unreachable(f"{method} {path} kept failing for {retry_for:.0f} s: {problem}")
+            logger.warning("%s %s failed (%s); retrying in %.1f s", method, path, problem, delay)
+            time.sleep(delay * (0.75 + random.random() / 2))
+            delay = min(delay * 2, self.max_backoff)
+
+    # --- the worker calls ----------------------------------------------------
+
+    def pull(self, roles: list[str], *, wait: float = 20.0, retry_for: float | None = None) -> Pulled | None:
+        """Long-poll for a step; the Idempotency-Key makes a retried pull return the same lease."""
+        key = str(uuid.uuid4())
+        response = self.request(
+            "GET", f"/v1/tasks/{','.join(roles)}/ready", params={"wait": wait},
+            headers={"Idempotency-Key": key}, retry_for=retry_for, timeout=wait + 15,
+        )
+        if response.status_code == 204:
+            return None
+        body = response.json()
+        return Pulled(step=body["step"], workflow=body["workflow"], lease=body["lease"])
+
+    def heartbeat(self, step_id: str, token: str, iterations: list[dict] | None = None) -> dict[str, Any]:
+        return self.request("POST", f"/v1/steps/{step_id}/heartbeat",
+                            json={"lease_token": token, "iterations": iterations or []}, retry_for=20).json()
+
+    def report(self, payload: dict[str, Any], *, retry_for: float | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/report_result", json=payload, retry_for=retry_for).json()
+
+    def release(self, step_id: str, token: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/steps/{step_id}/release", json={"lease_token": token}, retry_for=15).json()
+
+    def lock(self, paths: list[str], mode: str, *, step_id: str, token: str, wait_s: float = 10) -> list[dict]:
+        body = {"paths": paths, "mode": mode, "step_id": step_id, "lease_token": token, "wait_s": wait_s}
+        return self.request("POST", "/v1/locks", json=body, retry_for=20, timeout=wait_s + 15).json()["locks"]
+
+    def me(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/agents/me", retry_for=30).json()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return response.json().get("detail", response.text[:200])
+    except ValueError:
+        return response.text[:200]
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    return ApiError(response.status_code, body.get("error", "error"), body.get("detail", response.text[:200]), body)
