@@ -25,4 +25,5 @@ def _beat_schedule(sender: Celery, **kwargs) -> None:
             # A sweep not started within one interval is superseded by the next one.
             "options": {"expires": settings.AM_SWEEP_INTERVAL_S},
         },
+        "resend-stalled": {"task": "coordination.tasks.resend_stalled", "schedule": 60.0, "options": {"expires": 60}},
     }

@@ -219,6 +219,17 @@ AM_RETRY_BACKOFF_MAX_S = env_float("AM_RETRY_BACKOFF_MAX_S", 300.0, minimum=0.0)
 AM_AGENT_ONLINE_WINDOW_S = env_int("AM_AGENT_ONLINE_WINDOW_S", 60, minimum=1)
 AM_DEMO = env_bool("AM_DEMO", True)
 
+# The server's LLM (planner, auditor, synthesis): none, scripted (offline) or openai (any compatible endpoint).
+AM_LLM = env_str("AM_LLM", "none")
+if AM_LLM not in ("none", "scripted", "openai"):
+    raise ImproperlyConfigured(f"AM_LLM={AM_LLM!r} is not one of: none, scripted, openai.")
+AM_LLM_BASE_URL = env_str("AM_LLM_BASE_URL", "")
+AM_LLM_MODEL = env_str("AM_LLM_MODEL", "gpt-4o-mini")
+AM_LLM_API_KEY = env_str("AM_LLM_API_KEY", "")
+AM_LLM_JSON_MODE = env_bool("AM_LLM_JSON_MODE", True)
+AM_LLM_PRICE_PROMPT_PER_MTOK = env_float("AM_LLM_PRICE_PROMPT_PER_MTOK", 0.0, minimum=0.0)
+AM_LLM_PRICE_COMPLETION_PER_MTOK = env_float("AM_LLM_PRICE_COMPLETION_PER_MTOK", 0.0, minimum=0.0)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -90,3 +90,66 @@ def locks_live(*, project: str | None = None, path: str | None = None, agent: st
 
 def locks_by_id(ids) -> list[FileLock]:
     return list(FileLock.objects.filter(id__in=ids).select_related("project", "agent").order_by("path"))
+
+
+def workflow_steps_for_review(*, workflow: Workflow) -> list[dict]:
+    """Steps as the planner, auditor and synthesis see them, in creation order."""
+    steps, depends_on = workflow_steps(workflow=workflow)
+    return [
+        {"key": step.key, "name": step.name, "role": step.role, "status": step.status,
+         "depends_on": depends_on.get(step.id, []), "final_result": step.final_result, "outputs": step.outputs}
+        for step in steps
+    ]
+
+
+def workflow_audit_checks(*, workflow: Workflow) -> list[dict]:
+    """The deterministic checks of an audit: each {name, passed, required, detail, steps?}."""
+    from django.db.models import Sum
+
+    from coordination.models import Attempt, Result
+
+    steps = list(Step.objects.filter(workflow=workflow).order_by("created_at", "key"))
+    checks = []
+    empty = [s.key for s in steps if s.status == StepStatus.COMPLETED and not s.final_result.strip()]
+    checks.append({"name": "results_present", "required": True, "passed": not empty, "steps": empty,
+                   "detail": "Every completed step has a result." if not empty
+                   else f"Steps without a result: {', '.join(empty)}."})
+
+    outcomes = dict(Attempt.objects.filter(step__workflow=workflow).values_list("outcome").annotate(n=Count("id")))
+    failed = [s.key for s in steps if s.status in (StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED)]
+    checks.append({
+        "name": "failures_and_retries", "required": True, "passed": not failed, "steps": failed,
+        "detail": (f"{outcomes.get('expired', 0)} lost lease(s), {outcomes.get('retry', 0)} retried failure(s), "
+                   f"{outcomes.get('failed', 0)} failure(s), {outcomes.get('released', 0)} hand-back(s)"
+                   + (f"; not completed: {', '.join(failed)}." if failed else ".")),
+    })
+
+    unlocked = []
+    for step in steps:
+        written = (step.outputs or {}).get("files_written") or []
+        if not written:
+            continue
+        held = list(FileLock.objects.filter(step=step, mode="write").values_list("path", flat=True))
+        for path in written:
+            if isinstance(path, str) and not any(paths_overlap(lock, path) for lock in held):
+                unlocked.append(f"{step.key}:{path}")
+    checks.append({"name": "writes_locked", "required": True, "passed": not unlocked,
+                   "steps": sorted({item.split(":", 1)[0] for item in unlocked}),
+                   "detail": "Every file written was under a write lock." if not unlocked
+                   else f"Written without a lock: {', '.join(unlocked)}."})
+
+    totals = Result.objects.filter(step__workflow=workflow).aggregate(
+        time=Sum("execution_time_s"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
+        cost=Sum("cost_usd"))
+    slowest = Result.objects.filter(step__workflow=workflow, execution_time_s__isnull=False).order_by(
+        "-execution_time_s").select_related("step").first()
+    checks.append({"name": "durations", "required": False, "passed": True,
+                   "detail": f"{totals['time'] or 0:.1f} s of agent time"
+                   + (f"; slowest {slowest.step.key} ({slowest.execution_time_s:.1f} s)." if slowest else ".")})
+    tokens = (totals["prompt"] or 0) + (totals["completion"] or 0)
+    within = not ((workflow.budget_usd is not None and workflow.spent_usd > workflow.budget_usd)
+                  or (workflow.budget_tokens is not None and workflow.spent_tokens > workflow.budget_tokens))
+    checks.append({"name": "usage", "required": False, "passed": within,
+                   "detail": f"{tokens} tokens, ${float(totals['cost'] or 0):.4f}"
+                   + ("" if within else " — over budget.")})
+    return checks

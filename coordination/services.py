@@ -48,6 +48,8 @@ from coordination.models import (
     Agent,
     Attempt,
     AttemptOutcome,
+    AuditReport,
+    AuditStatus,
     Event,
     Iteration,
     LockMode,
@@ -334,7 +336,8 @@ def workflow_create(
 
     Steps without dependencies are `ready`, the others `pending`. Nothing is
     stored when the graph is rejected (`InvalidWorkflow` lists every problem).
-    A workflow with a goal and no steps is stored as `planning` for the planner.
+    A workflow with a goal and no steps is stored as `planning`, and the
+    planner is asked (after commit) to turn the goal into steps.
     """
     planning = not spec.steps and bool(spec.goal.strip())
     problems = [] if planning else workflow_validate(spec)
@@ -346,57 +349,23 @@ def workflow_create(
     if problems:
         raise InvalidWorkflow(problems)
 
-    now = timezone.now()
-    default_attempts = spec.max_attempts or settings.AM_DEFAULT_MAX_ATTEMPTS
     project = project_get_or_create(name=spec.project)
-    ready_keys = {step.key for step in spec.steps if not step.depends_on}
     workflow = Workflow.objects.create(
         project=project,
         name=spec.name.strip(),
         goal=spec.goal,
         status=WorkflowStatus.PLANNING if planning else WorkflowStatus.RUNNING,
         priority=spec.priority,
-        max_attempts=default_attempts,
+        max_attempts=spec.max_attempts or settings.AM_DEFAULT_MAX_ATTEMPTS,
         max_rework_rounds=spec.max_rework_rounds,
         budget_usd=spec.budget_usd,
         budget_tokens=spec.budget_tokens,
         metadata=spec.metadata,
         created_by_user=user if user is not None and user.is_authenticated else None,
         created_by_agent=agent,
-        total_steps=len(spec.steps),
-        n_ready=len(ready_keys),
-        n_pending=len(spec.steps) - len(ready_keys),
         event_seq=1,
     )
-    steps_by_key: dict[str, Step] = {}
-    for step in spec.steps:
-        is_ready = step.key in ready_keys
-        steps_by_key[step.key] = Step(
-            workflow=workflow,
-            key=step.key,
-            name=step.name.strip(),
-            description=step.description,
-            role=step.role,
-            status=StepStatus.READY if is_ready else StepStatus.PENDING,
-            priority=step.priority,
-            workflow_priority=spec.priority,
-            max_attempts=step.max_attempts or default_attempts,
-            lease_ttl_s=min(step.lease_ttl_s or settings.AM_DEFAULT_LEASE_TTL_S, settings.AM_MAX_LEASE_TTL_S),
-            remaining_deps=len(step.depends_on),
-            files=_normalised_files(step),
-            available_at=now if is_ready else None,
-        )
-    Step.objects.bulk_create(steps_by_key.values(), batch_size=1000)
-    StepDependency.objects.bulk_create(
-        (
-            StepDependency(workflow=workflow, step=steps_by_key[step.key], depends_on=steps_by_key[dep])
-            for step in spec.steps
-            for dep in step.depends_on
-        ),
-        batch_size=2000,
-    )
-    if not planning:
-        notify.notify_ready(step.role for step in spec.steps if step.key in ready_keys)
+    ready = _create_steps(workflow=workflow, steps=spec.steps) if not planning else []
     event_record(
         kind="workflow.created",
         workflow_id=workflow.id,
@@ -406,11 +375,70 @@ def workflow_create(
             "name": workflow.name,
             "project": project.name,
             "status": workflow.status,
-            "total_steps": workflow.total_steps,
-            "ready": sorted(ready_keys),
+            "total_steps": len(spec.steps),
+            "ready": ready,
         },
     )
+    if planning:
+        _enqueue_after_commit("coordination.tasks.plan_workflow", workflow.id)
+    workflow.refresh_from_db()
     return workflow
+
+
+def _create_steps(*, workflow: Workflow, steps: tuple[StepSpec, ...]) -> list[str]:
+    """Insert a validated graph's steps and edges in bulk; set the counters; return the ready keys."""
+    now = timezone.now()
+    ready_keys = {step.key for step in steps if not step.depends_on}
+    steps_by_key: dict[str, Step] = {}
+    for step in steps:
+        is_ready = step.key in ready_keys
+        steps_by_key[step.key] = Step(
+            workflow=workflow,
+            key=step.key,
+            name=step.name.strip(),
+            description=step.description,
+            role=step.role,
+            status=StepStatus.READY if is_ready else StepStatus.PENDING,
+            priority=step.priority,
+            workflow_priority=workflow.priority,
+            max_attempts=step.max_attempts or workflow.max_attempts,
+            lease_ttl_s=min(step.lease_ttl_s or settings.AM_DEFAULT_LEASE_TTL_S, settings.AM_MAX_LEASE_TTL_S),
+            remaining_deps=len(step.depends_on),
+            files=_normalised_files(step),
+            available_at=now if is_ready else None,
+        )
+    Step.objects.bulk_create(steps_by_key.values(), batch_size=1000)
+    StepDependency.objects.bulk_create(
+        (
+            StepDependency(workflow=workflow, step=steps_by_key[step.key], depends_on=steps_by_key[dep])
+            for step in steps
+            for dep in step.depends_on
+        ),
+        batch_size=2000,
+    )
+    Workflow.objects.filter(id=workflow.id).update(
+        total_steps=len(steps), n_ready=len(ready_keys), n_pending=len(steps) - len(ready_keys)
+    )
+    notify.notify_ready(step.role for step in steps if step.key in ready_keys)
+    return sorted(ready_keys)
+
+
+def _enqueue_after_commit(task_name: str, *args: Any) -> None:
+    """Send a Celery task once the transaction commits; a broker outage is logged, not raised
+    (Celery beat re-sends planning and audits that were never picked up)."""
+
+    def send() -> None:
+        from am_project.celery import app
+
+        try:
+            app.send_task(task_name, args=[str(arg) for arg in args])
+        except Exception:  # noqa: BLE001 - the change is committed; the beat sweep retries the work
+            import logging
+
+            logging.getLogger(__name__).warning("Could not queue %s%s; it will be retried.", task_name, args,
+                                                exc_info=True)
+
+    transaction.on_commit(send)
 
 
 # --- the workflow row: counters, event sequence, terminal states ------------
@@ -428,6 +456,18 @@ class WorkflowSnapshot:
     counts: dict[str, int]
     first_seq: int
     last_seq: int
+    spent_usd: Decimal = Decimal(0)
+    spent_tokens: int = 0
+    budget_usd: Decimal | None = None
+    budget_tokens: int | None = None
+
+    def budget_exceeded(self) -> str:
+        """Why the spend has reached the budget, or '' while it has not."""
+        if self.budget_usd is not None and self.spent_usd >= self.budget_usd:
+            return f"budget: spent ${self.spent_usd:.4f} of ${self.budget_usd:.4f}"
+        if self.budget_tokens is not None and self.spent_tokens >= self.budget_tokens:
+            return f"budget: used {self.spent_tokens} of {self.budget_tokens} tokens"
+        return ""
 
     def seqs(self):
         return iter(range(self.first_seq, self.last_seq + 1))
@@ -467,13 +507,14 @@ def _workflow_move(
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE coordination_workflow SET {', '.join(sets)} WHERE id = %s "
-            f"RETURNING event_seq, status, total_steps, {', '.join(_COUNTER_COLUMNS)}",
+            f"RETURNING event_seq, status, total_steps, spent_usd, spent_tokens, budget_usd, budget_tokens, "
+            f"{', '.join(_COUNTER_COLUMNS)}",
             params,
         )
         row = cursor.fetchone()
     if row is None:
         raise NotFound(f"Workflow {workflow_id} does not exist.")
-    last_seq, status, total, *counts = row
+    last_seq, status, total, spent_usd, spent_tokens, budget_usd, budget_tokens, *counts = row
     return WorkflowSnapshot(
         id=workflow_id,
         status=status,
@@ -481,6 +522,10 @@ def _workflow_move(
         counts=dict(zip(STEP_COUNTER_FIELDS.keys(), counts)),
         first_seq=last_seq - events + 1,
         last_seq=last_seq,
+        spent_usd=spent_usd,
+        spent_tokens=spent_tokens,
+        budget_usd=budget_usd,
+        budget_tokens=budget_tokens,
     )
 
 
@@ -518,11 +563,14 @@ def _settle_workflow(snapshot: WorkflowSnapshot) -> str:
             f"{counts[StepStatus.FAILED]} step(s) failed, {counts[StepStatus.SKIPPED]} skipped, "
             f"{counts[StepStatus.CANCELLED]} cancelled; nothing else can run."
         )
+    audit = {"audit_status": AuditStatus.PENDING} if new_status == WorkflowStatus.COMPLETED else {}
     Workflow.objects.filter(id=snapshot.id).update(
-        status=new_status, finished_at=now, updated_at=now, failure_reason=reason, paused_reason=""
+        status=new_status, finished_at=now, updated_at=now, failure_reason=reason, paused_reason="", **audit
     )
     event_record(kind=f"workflow.{new_status}", workflow_id=snapshot.id,
                  data={"status": new_status, "counts": counts, **({"reason": reason} if reason else {})})
+    if audit:
+        _enqueue_after_commit("coordination.tasks.audit_workflow", snapshot.id)
     return new_status
 
 
@@ -994,6 +1042,11 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
         events.append(_event(seqs, "steps.skipped", workflow_id=step.workflow_id, data={"steps": skipped, "after": step.key}))
     event_record_many(events)
     workflow_status = _settle_workflow(snapshot)
+    over_budget = snapshot.budget_exceeded()
+    if over_budget and workflow_status == WorkflowStatus.RUNNING:
+        # Running agents learn it from their next heartbeat (cancel: true).
+        workflow_pause(workflow_id=step.workflow_id, reason=over_budget)
+        workflow_status = WorkflowStatus.PAUSED
     response = {
         "step_id": str(step.id),
         "status": step.status,
@@ -1656,3 +1709,147 @@ def locks_sweep() -> int:
                          data={"locks": locks})
         notify.notify_locks({row[0] for row in rows})
     return len(rows)
+
+
+# --- planning, audits, rework, synthesis --------------------------------------
+
+
+@transaction.atomic
+def workflow_plan_apply(*, workflow_id: UUID, steps: tuple[StepSpec, ...], usage: dict[str, Any] | None = None) -> Workflow:
+    """Give a `planning` workflow the steps the planner made (already validated) and start it."""
+    workflow = _locked_workflow(workflow_id)
+    if workflow.status != WorkflowStatus.PLANNING:
+        raise InvalidState(f"Workflow {workflow.name!r} is {workflow.status}, not planning.")
+    problems = workflow_validate(WorkflowSpec(name=workflow.name, project=workflow.project.name, steps=steps))
+    if problems:
+        raise InvalidWorkflow(problems)
+    ready = _create_steps(workflow=workflow, steps=steps)
+    Workflow.objects.filter(id=workflow.id).update(status=WorkflowStatus.RUNNING)
+    event_record(kind="workflow.planned", workflow_id=workflow.id,
+                 data={"total_steps": len(steps), "ready": ready, **({"usage": usage} if usage else {})})
+    workflow.refresh_from_db()
+    return workflow
+
+
+@transaction.atomic
+def workflow_plan_failed(*, workflow_id: UUID, reason: str) -> Workflow:
+    workflow = _locked_workflow(workflow_id)
+    if workflow.status != WorkflowStatus.PLANNING:
+        return workflow
+    workflow.status = WorkflowStatus.FAILED
+    workflow.failure_reason = reason
+    workflow.finished_at = timezone.now()
+    workflow.save(update_fields=["status", "failure_reason", "finished_at", "updated_at"])
+    event_record(kind="workflow.failed", workflow_id=workflow.id, data={"status": "failed", "reason": reason})
+    return workflow
+
+
+@transaction.atomic
+def workflow_audit_request(*, workflow_id: UUID, user: AbstractBaseUser | None = None, agent: Agent | None = None) -> Workflow:
+    """Ask for an audit now (POST /v1/workflows/{id}/audits): it runs in a Celery worker."""
+    workflow = _locked_workflow(workflow_id)
+    if workflow.status != WorkflowStatus.COMPLETED:
+        raise InvalidState(f"Workflow {workflow.name!r} is {workflow.status}; only a completed workflow is audited.")
+    workflow.audit_status = AuditStatus.PENDING
+    workflow.save(update_fields=["audit_status", "updated_at"])
+    event_record(kind="audit.requested", workflow_id=workflow.id, agent_id=agent.id if agent else None,
+                 data=_actor(user, agent))
+    _enqueue_after_commit("coordination.tasks.audit_workflow", workflow.id)
+    return workflow
+
+
+@dataclass
+class AuditFindings:
+    successful: bool
+    feedback: str
+    rework_suggestions: list[dict[str, str]]
+    confidence: float
+    criteria: list[str]
+    checks: list[dict[str, Any]]
+    steps_reviewed: list[str]
+    reviewer: str
+
+
+_REWORK_SQL = """
+WITH RECURSIVE down(id) AS (
+    SELECT id FROM coordination_step WHERE workflow_id = %s AND key = ANY(%s::text[])
+    UNION
+    SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
+)
+SELECT id FROM down
+"""
+
+
+@transaction.atomic
+def audit_record(*, workflow_id: UUID, findings: AuditFindings) -> AuditReport:
+    """Store an audit; a failed one sends the named steps back for rework while rounds remain."""
+    workflow = _locked_workflow(workflow_id)
+    report = AuditReport.objects.create(
+        workflow=workflow, round=workflow.rework_round, successful=findings.successful,
+        feedback=findings.feedback, rework_suggestions=findings.rework_suggestions,
+        confidence=max(0.0, min(1.0, findings.confidence)), steps_reviewed=findings.steps_reviewed,
+        criteria=findings.criteria, checks=findings.checks, reviewer=findings.reviewer,
+    )
+    workflow.audit_status = AuditStatus.PASSED if findings.successful else AuditStatus.FAILED
+    workflow.save(update_fields=["audit_status", "updated_at"])
+    event_record(kind="audit.recorded", workflow_id=workflow.id,
+                 data={"audit_id": str(report.id), "successful": findings.successful, "round": report.round,
+                       "rework": [s["step"] for s in findings.rework_suggestions]})
+    keys = sorted({s["step"] for s in findings.rework_suggestions
+                   if Step.objects.filter(workflow=workflow, key=s["step"]).exists()})
+    if (not findings.successful and keys and workflow.status == WorkflowStatus.COMPLETED
+            and workflow.rework_round < workflow.max_rework_rounds):
+        _workflow_rework(workflow=workflow, keys=keys, report=report, findings=findings)
+    return report
+
+
+def _workflow_rework(*, workflow: Workflow, keys: list[str], report: AuditReport, findings: AuditFindings) -> None:
+    """The named steps and everything downstream of them run again, with the auditor's feedback as input."""
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(_REWORK_SQL, [workflow.id, keys])
+        ids = [row[0] for row in cursor.fetchall()]
+    steps = {step.id: step for step in Step.objects.select_for_update().filter(id__in=ids)}
+    inside = set(steps)
+    open_deps: dict[UUID, int] = {step_id: 0 for step_id in steps}
+    for step_id, dep_id in StepDependency.objects.filter(step_id__in=inside).values_list("step_id", "depends_on_id"):
+        if dep_id in inside:
+            open_deps[step_id] += 1
+    reasons = {s["step"]: s["reason"] for s in findings.rework_suggestions}
+    round_number = workflow.rework_round + 1
+    moves: dict[str, int] = {}
+    ready_roles = []
+    for step in steps.values():
+        _add(moves, step.status, -1)
+        step.remaining_deps = open_deps[step.id]
+        step.status = StepStatus.READY if step.remaining_deps == 0 else StepStatus.PENDING
+        _add(moves, step.status, 1)
+        step.available_at = now if step.status == StepStatus.READY else None
+        step.attempts_released = step.attempt
+        step.finished_at = None
+        step.extra_inputs = {**(step.extra_inputs or {}), "_audit": {
+            "round": round_number, "feedback": findings.feedback,
+            "reason": reasons.get(step.key, f"An upstream step ({', '.join(keys)}) is being redone."),
+            "previous_result": step.final_result[:4000],
+        }}
+        if step.status == StepStatus.READY:
+            ready_roles.append(step.role)
+    Step.objects.bulk_update(steps.values(), ["remaining_deps", "status", "available_at", "attempts_released",
+                                              "finished_at", "extra_inputs", "updated_at"])
+    snapshot = _workflow_move(workflow.id, moves)
+    Workflow.objects.filter(id=workflow.id).update(status=WorkflowStatus.RUNNING, finished_at=None,
+                                                   rework_round=round_number)
+    notify.notify_ready(ready_roles)
+    event_record_many([_event(snapshot.seqs(), "workflow.rework", workflow_id=workflow.id,
+                              data={"round": round_number, "steps": keys, "rerun": len(steps),
+                                    "audit_id": str(report.id)})])
+
+
+@transaction.atomic
+def workflow_set_synthesis(*, workflow_id: UUID, synthesis: str, source: str) -> Workflow:
+    workflow = _locked_workflow(workflow_id)
+    workflow.synthesis = synthesis
+    workflow.save(update_fields=["synthesis", "updated_at"])
+    event_record(kind="workflow.synthesized", workflow_id=workflow.id,
+                 data={"source": source, "length": len(synthesis)})
+    return workflow

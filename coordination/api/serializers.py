@@ -352,6 +352,16 @@ class CountsSerializer(serializers.Serializer):
     skipped = serializers.IntegerField()
 
 
+class BudgetOutSerializer(serializers.Serializer):
+    usd = serializers.DecimalField(max_digits=12, decimal_places=4, allow_null=True, coerce_to_string=False)
+    tokens = serializers.IntegerField(allow_null=True)
+
+
+class SpentSerializer(serializers.Serializer):
+    usd = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=False)
+    tokens = serializers.IntegerField()
+
+
 class WorkflowStatusSerializer(serializers.Serializer):
     workflow_id = serializers.UUIDField(source="id")
     status = serializers.CharField()
@@ -361,10 +371,20 @@ class WorkflowStatusSerializer(serializers.Serializer):
     progress = serializers.FloatField()
     is_complete = serializers.SerializerMethodField()
     audit_status = serializers.CharField(allow_null=True)
+    rework_round = serializers.IntegerField()
+    spent = serializers.SerializerMethodField()
+    budget = serializers.SerializerMethodField()
     updated_at = serializers.DateTimeField()
 
     def get_is_complete(self, workflow) -> bool:
         return workflow.is_terminal
+
+    def get_spent(self, workflow) -> SpentSerializer:
+        return {"usd": float(workflow.spent_usd), "tokens": workflow.spent_tokens}
+
+    def get_budget(self, workflow) -> BudgetOutSerializer:
+        return {"usd": float(workflow.budget_usd) if workflow.budget_usd is not None else None,
+                "tokens": workflow.budget_tokens}
 
 
 class StepOutSerializer(serializers.Serializer):
@@ -397,16 +417,6 @@ class StepOutSerializer(serializers.Serializer):
         if step.status != "in_progress" or step.lease_agent is None:
             return None
         return step.lease_agent.name
-
-
-class BudgetOutSerializer(serializers.Serializer):
-    usd = serializers.DecimalField(max_digits=12, decimal_places=4, allow_null=True, coerce_to_string=False)
-    tokens = serializers.IntegerField(allow_null=True)
-
-
-class SpentSerializer(serializers.Serializer):
-    usd = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=False)
-    tokens = serializers.IntegerField()
 
 
 class WorkflowOutSerializer(serializers.Serializer):

@@ -383,11 +383,24 @@ def _int_param(request, name: str, default: int, low: int, high: int) -> int:
 
 
 class WorkflowAuditsView(APIBase):
+    permission_classes = [IsAuthenticated, CanSubmit]
+
     @extend_schema(operation_id="workflow_audits", summary="The workflow's audit reports, newest first",
                    responses={200: s.AuditOutSerializer(many=True), **AUTH_ERRORS, **NOT_FOUND})
     def get(self, request, workflow_id: UUID):
         workflow = selectors.workflow_get(workflow_id=workflow_id)
         return Response(s.AuditOutSerializer(selectors.workflow_audits(workflow=workflow), many=True).data)
+
+    @extend_schema(operation_id="request_audit", summary="Audit a completed workflow now (runs in a Celery worker)",
+                   request=None,
+                   responses={202: s.WorkflowStatusSerializer, 409: _error("invalid_state: the workflow is not completed."),
+                              **AUTH_ERRORS, **NOT_FOUND})
+    def post(self, request, workflow_id: UUID):
+        if request.data:
+            raise InvalidRequest("An audit request takes no fields.")
+        user, agent = _user_and_agent(request)
+        workflow = services.workflow_audit_request(workflow_id=workflow_id, user=user, agent=agent)
+        return Response(s.WorkflowStatusSerializer(workflow).data, status=status.HTTP_202_ACCEPTED)
 
 
 # --- steps -------------------------------------------------------------------
