@@ -68,8 +68,10 @@ class Client:
     def request(
         self, method: str, path: str, *, json: Any = None, params: dict | None = None,
         headers: dict | None = None, retry_for: float = 60.0, timeout: float | None = None,
+        abort: threading.Event | None = None,
     ) -> httpx.Response:
-        """Send, retrying transport errors and 5xx for up to `retry_for` seconds (forever when None)."""
+        """Send, retrying transport errors and 5xx for up to `retry_for` seconds (forever when None),
+        or until `abort` is set."""
         delay = 0.5
         started = time.monotonic()
         while True:
@@ -84,8 +86,8 @@ class Client:
                         raise _api_error(response)
                     return response
                 problem = f"{response.status_code} {_detail(response)}"
-            if self.closed.is_set():
-                raise Unreachable(f"{method} {path}: client closed ({problem})")
+            if self.closed.is_set() or (abort is not None and abort.is_set()):
+                raise Unreachable(f"{method} {path}: gave up, the worker is stopping ({problem})")
             if retry_for is not None and time.monotonic() - started > retry_for:
                 raise Unreachable(f"{method} {path} kept failing for {retry_for:.0f} s: {problem}")
             logger.warning("%s %s failed (%s); retrying in %.1f s", method, path, problem, delay)
@@ -94,12 +96,13 @@ class Client:
 
     # --- the worker calls ----------------------------------------------------
 
-    def pull(self, roles: list[str], *, wait: float = 20.0, retry_for: float | None = None) -> Pulled | None:
+    def pull(self, roles: list[str], *, wait: float = 20.0, retry_for: float | None = None,
+             abort: threading.Event | None = None) -> Pulled | None:
         """Long-poll for a step; the Idempotency-Key makes a retried pull return the same lease."""
         key = str(uuid.uuid4())
         response = self.request(
             "GET", f"/v1/tasks/{','.join(roles)}/ready", params={"wait": wait},
-            headers={"Idempotency-Key": key}, retry_for=retry_for, timeout=wait + 15,
+            headers={"Idempotency-Key": key}, retry_for=retry_for, timeout=wait + 15, abort=abort,
         )
         if response.status_code == 204:
             return None
@@ -110,8 +113,9 @@ class Client:
         return self.request("POST", f"/v1/steps/{step_id}/heartbeat",
                             json={"lease_token": token, "iterations": iterations or []}, retry_for=20).json()
 
-    def report(self, payload: dict[str, Any], *, retry_for: float | None = None) -> dict[str, Any]:
-        return self.request("POST", "/v1/report_result", json=payload, retry_for=retry_for).json()
+    def report(self, payload: dict[str, Any], *, retry_for: float | None = None,
+               abort: threading.Event | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/report_result", json=payload, retry_for=retry_for, abort=abort).json()
 
     def release(self, step_id: str, token: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/steps/{step_id}/release", json={"lease_token": token}, retry_for=15).json()

@@ -84,7 +84,9 @@ class Worker:
                 logger.info("Stopping: no new steps; running ones finish within %.0f s or are handed back.",
                             self.config.shutdown_grace_s)
                 self.stopping.set()
-                threading.Timer(self.config.shutdown_grace_s, self.hand_back_now.set).start()
+                timer = threading.Timer(self.config.shutdown_grace_s, self.hand_back_now.set)
+                timer.daemon = True  # must not keep the process alive once the slots are done
+                timer.start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -98,6 +100,7 @@ class Worker:
                     ",".join(self.config.roles), self.config.workspace, self.config.concurrency, self.config.server)
         self._budget = max_steps
         self._budget_lock = threading.Lock()
+        self.deliver_spooled()
         slots = [threading.Thread(target=self._slot, name=f"slot-{i}", daemon=True)
                  for i in range(self.config.concurrency)]
         for slot in slots:
@@ -121,7 +124,8 @@ class Worker:
     def _slot(self) -> None:
         while not self.stopping.is_set():
             try:
-                pulled = self.client.pull(self.config.roles, wait=self.config.poll_wait_s, retry_for=None)
+                pulled = self.client.pull(self.config.roles, wait=self.config.poll_wait_s, retry_for=None,
+                                          abort=self.stopping)
             except Unreachable:
                 return
             except ApiError as exc:
@@ -244,13 +248,15 @@ class Worker:
             "retryable": outcome.retryable,
         }
         try:
-            # Kept until delivered: the server may be restarting.
-            answer = self.client.report(payload, retry_for=None)
+            # Kept until delivered: the server may be restarting. A worker told to stop
+            # for good spools it to disk and delivers it when it starts again.
+            answer = self.client.report(payload, retry_for=None, abort=self.hand_back_now)
         except ApiError as exc:
             logger.warning("✘ %s  result refused (%s: %s); dropped", run.label, exc.code, exc.detail)
             return
         except Unreachable as exc:
-            logger.error("✘ %s  result not delivered: %s", run.label, exc)
+            path = self._spool(payload)
+            logger.error("✘ %s  result not delivered (%s); kept in %s for the next start", run.label, exc, path)
             return
         if outcome.status == "completed":
             self.completed += 1
@@ -261,6 +267,36 @@ class Worker:
             self.failed += 1
             logger.info("✘ %s  failed in %.1f s (%s)%s", run.label, elapsed, outcome.error,
                         ", will be retried" if answer.get("status") == "ready" else "")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.config.workspace / ".am-pending-reports"
+
+    def _spool(self, payload: dict[str, Any]) -> Path:
+        import json
+
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool_dir / f"{payload['step_id']}.json"
+        path.write_text(json.dumps(payload))
+        return path
+
+    def deliver_spooled(self) -> None:
+        """Deliver results a previous run could not (the server was down when it stopped)."""
+        import json
+
+        if not self.spool_dir.is_dir():
+            return
+        for path in sorted(self.spool_dir.glob("*.json")):
+            payload = json.loads(path.read_text())
+            try:
+                answer = self.client.report(payload, retry_for=60)
+                logger.info("↑ delivered the kept result of step %s: %s", payload["step_id"], answer.get("status"))
+            except ApiError as exc:
+                logger.warning("↑ the kept result of step %s was refused (%s); dropped", payload["step_id"], exc.code)
+            except Unreachable:
+                logger.warning("↑ the server is still unreachable; the kept results wait for the next start")
+                return
+            path.unlink()
 
     def _hand_back(self, run: StepRun, why: str) -> None:
         try:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ def _say(message: str) -> None:
 class Stack:
     def __init__(self) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.optional: set[str] = set()
         self.started_postgres = False
         self.started_redis = False
         self.stopping = False
@@ -58,16 +60,35 @@ class Stack:
     def manage(self, env: dict[str, str], *args: str) -> None:
         subprocess.run([sys.executable, "manage.py", *args], cwd=BASE_DIR, env=env, check=True)
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], *, essential: bool = True) -> None:
         # Own process group: Ctrl-C in the terminal reaches us, and we stop children in order.
         process = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
         self.children.append((name, process))
+        if not essential:
+            self.optional.add(name)
+
+    def start_demo_agents(self, env: dict[str, str], base_url: str) -> None:
+        """Scripted agents on a shared workspace under var/demo, each answer slowed so the work can be watched."""
+        demo_dir = embedded.var_dir() / "demo"
+        agents_file = demo_dir / "agents.json"
+        self.manage(env, "demo", "--agents-file", str(agents_file))
+        agents = json.loads(agents_file.read_text())
+        agents_file.unlink()
+        worker_env = {k: v for k, v in env.items() if k != "DJANGO_SETTINGS_MODULE"}
+        worker_env.setdefault("AM_SCRIPTED_DELAY_S", "1.5")
+        for agent in agents:
+            self.spawn(agent["name"], [
+                sys.executable, "-m", "agents", "--server", base_url, "--token", agent["token"],
+                "--workspace", str(demo_dir / "workspace"), "--llm", "scripted",
+                "--concurrency", str(agent["capacity"]), "--name", agent["name"],
+            ], worker_env, essential=False)
+        _say(f"Demo: {len(agents)} scripted agents working in {demo_dir / 'workspace'}")
 
     def wait_healthy(self, url: str, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, process in self.children:
-                if process.poll() is not None:
+                if process.poll() is not None and name not in self.optional:
                     _say(f"{name} exited with code {process.returncode} during start-up; see its output above.")
                     return False
             try:
@@ -85,17 +106,27 @@ class Stack:
             return
         self.stopping = True
         _say("Stopping...")
-        for _name, process in reversed(self.children):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for name, process in reversed(self.children):
+        # Agents first, while the server can still take their hand-backs and results.
+        agents = [(n, p) for n, p in self.children if n in self.optional]
+        others = [(n, p) for n, p in self.children if n not in self.optional]
+        for group in (agents, others):
+            for _name, process in reversed(group):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            self._wait(group)
+        self._stop_services()
+
+    def _wait(self, group) -> None:
+        deadline = time.monotonic() + 20
+        for name, process in reversed(group):
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _say(f"{name} did not stop within 15 s; killing it.")
+                _say(f"{name} did not stop within 20 s; killing it.")
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+    def _stop_services(self) -> None:
         base = embedded.var_dir()
         if self.started_redis:
             embedded.stop_redis(base)
@@ -112,6 +143,10 @@ def main() -> int:
     demo = env_bool("AM_DEMO", True)
     env = dict(os.environ)
     env.setdefault("DJANGO_SETTINGS_MODULE", "am_project.settings")
+    if demo and not env.get("AM_LLM"):
+        # The demo plans goals and audits offline; set AM_LLM=openai (and AM_LLM_*) for a real model.
+        env["AM_LLM"] = "scripted"
+        _say("LLM: scripted (offline); set AM_LLM=openai and AM_LLM_BASE_URL / AM_LLM_MODEL for a real one")
     env["PYTHONUNBUFFERED"] = "1"
     stack = Stack()
 
@@ -139,19 +174,25 @@ def main() -> int:
             stack.stop()
             return 1
         if demo:
-            stack.manage(env, "demo")
+            stack.start_demo_agents(env, base_url)
         _say("AgentManager is up:")
         _say(f"  dashboard  {base_url}/")
         _say(f"  admin      {base_url}/admin/")
         _say(f"  API docs   {base_url}/v1/docs")
         _say(f"  health     {base_url}/healthz")
         _say("Press Ctrl-C to stop.")
+        reported: set[str] = set()
         while True:
             for name, process in stack.children:
-                if process.poll() is not None:
-                    _say(f"{name} exited with code {process.returncode}; stopping the stack.")
-                    stack.stop()
-                    return 1
+                if process.poll() is None or name in reported:
+                    continue
+                if name in stack.optional:
+                    _say(f"{name} exited with code {process.returncode}; the rest of the stack carries on.")
+                    reported.add(name)
+                    continue
+                _say(f"{name} exited with code {process.returncode}; stopping the stack.")
+                stack.stop()
+                return 1
             time.sleep(0.5)
     except KeyboardInterrupt:
         stack.stop()

@@ -135,6 +135,26 @@ def user_token_create(*, user: AbstractBaseUser, name: str) -> str:
     return token
 
 
+@transaction.atomic
+def agent_rotate_token(*, agent: Agent) -> str:
+    """Give an agent a new token (the old one stops working at once); returned once, only its hash is stored."""
+    token = _new_token("am")
+    Agent.objects.filter(id=agent.id).update(token_hash=token_hash(token), token_prefix=token[:10])
+    event_record(kind="agent.token_rotated", agent_id=agent.id, data={"name": agent.name})
+    return token
+
+
+@transaction.atomic
+def agent_ensure(*, name: str, roles: list[str], capacity: int = 1) -> tuple[Agent, str]:
+    """The named agent with these roles (created, or updated), and a fresh token for it."""
+    agent = Agent.objects.select_for_update().filter(name=name).first()
+    if agent is None:
+        return agent_create(name=name, roles=roles, capacity=capacity)
+    Agent.objects.filter(id=agent.id).update(roles=parse_roles(roles), capacity=capacity, enabled=True)
+    agent.refresh_from_db()
+    return agent, agent_rotate_token(agent=agent)
+
+
 # --- workflows --------------------------------------------------------------
 
 

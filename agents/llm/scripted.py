@@ -9,7 +9,9 @@ its declared inputs, writes plausible files for its role, then finishes.
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from typing import Any
 
 from agents.llm.base import Usage
@@ -121,10 +123,17 @@ def _synthesis(context: dict[str, Any]) -> dict[str, Any]:
 
 
 class ScriptedProvider:
+    """`AM_SCRIPTED_DELAY_S` makes each answer take that long, so demos show work in flight."""
+
     name = "scripted"
+
+    def __init__(self, delay_s: float | None = None) -> None:
+        self.delay_s = float(os.environ.get("AM_SCRIPTED_DELAY_S", "0") or 0) if delay_s is None else delay_s
 
     def complete_json(self, messages: list[dict[str, str]], schema: dict[str, Any], *, purpose: str
                       ) -> tuple[dict[str, Any], Usage]:
+        if self.delay_s > 0 and purpose == "act":
+            time.sleep(self.delay_s)
         context = context_of(messages)
         reply = {"act": lambda: _act(messages, context), "plan": lambda: _plan(context),
                  "audit": lambda: _audit(context), "synthesis": lambda: _synthesis(context)}[purpose]()
