@@ -85,8 +85,12 @@ def resolve(args: argparse.Namespace, environ: dict[str, str]) -> tuple[WorkerCo
         raise ConfigError(f"concurrency and max-iterations are whole numbers: {exc}") from None
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1.")
-    llm_name = pick("llm", "openai")
+    # In the file, `llm` is the provider's name, or a table of its options with `provider` in it.
     llm_file = file.get("llm", {}) if isinstance(file.get("llm"), dict) else {}
+    llm_name = args.llm or environ.get(ENV["llm"]) or (
+        llm_file.get("provider") if llm_file else file.get("llm")) or "openai"
+    if llm_name not in ("openai", "scripted"):
+        raise ConfigError(f"llm {llm_name!r} is not 'openai' or 'scripted'.")
     llm_options: dict[str, Any] = {}
     for key, variable in LLM_ENV.items():
         value = environ.get(variable) or llm_file.get(key)

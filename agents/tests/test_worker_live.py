@@ -128,3 +128,18 @@ class WorkerTests:
             worker.stop()
         assert not Result.objects.filter(step__workflow=workflow, attempt__number=1).exists()
         assert "dropping the work" in worker.output()
+
+    def test_a_cancelled_workflow_stops_the_worker_which_reports_nothing(self, live_am, tmp_path):
+        workflow = services.workflow_create(spec=workflow_spec(step("long", lease_ttl_s=6), name="Cancel me"))
+        agent = make_agent("obedient", ["developer"])
+        worker = WorkerProcess(live_am, agent, tmp_path / "c", tmp_path / "obedient.log", delay=1.0)
+        try:
+            assert _wait_for(lambda: Iteration.objects.filter(attempt__step__workflow=workflow).exists(), timeout=30)
+            services.workflow_cancel(workflow_id=workflow.id)
+            # It learns it from its heartbeat (cancel: true) or from a refused lock, whichever comes first.
+            assert _wait_for(lambda: "the server asked to stop" in worker.output()
+                             or "dropping the work" in worker.output(), timeout=30), worker.output()
+        finally:
+            worker.stop()
+        assert not Result.objects.filter(step__workflow=workflow).exists()
+        assert Step.objects.get(workflow=workflow).status == "cancelled"
