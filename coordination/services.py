@@ -51,7 +51,6 @@ from coordination.models import (
     AuditReport,
     AuditStatus,
     Event,
-    Iteration,
     LockMode,
     Project,
     Result,
@@ -92,6 +91,8 @@ def parse_roles(raw: str | list[str]) -> list[str]:
             raise InvalidRequest(
                 f"{role!r} is not a valid role: use a slug of a-z, 0-9, '_' and '-' (1 to 64 characters)."
             )
+        if role == "human":
+            raise InvalidRequest("The 'human' role is for approval steps that people decide in the dashboard.")
         if role not in roles:
             roles.append(role)
     if not roles:
@@ -643,7 +644,8 @@ MAX_LOCK_BLOCKED_CANDIDATES = 25
 _CLAIM_SQL = """
 SELECT s.id FROM coordination_step s
 JOIN coordination_workflow w ON w.id = s.workflow_id
-WHERE s.status = 'ready' AND s.role = ANY(%s::text[]) AND s.available_at <= %s AND w.status = 'running'
+WHERE s.status = 'ready' AND s.role = ANY(%s::text[]) AND s.role <> 'human' AND s.available_at <= %s
+  AND w.status = 'running'
   AND NOT (s.id = ANY(%s::uuid[]))
 ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
 LIMIT 1
@@ -1008,10 +1010,17 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
         )
 
     _store_iterations(attempt, outcome.iterations)
+    return _finish_step(step=step, attempt=attempt, outcome=outcome, now=now, from_status=StepStatus.IN_PROGRESS,
+                        actor={"agent": agent.name}, agent_id=agent.id)
+
+
+def _finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
+                 actor: dict[str, Any], agent_id: UUID | None) -> dict[str, Any]:
+    """Apply an outcome to a step (an agent's report, or a person's decision on an approval step)."""
     released: list[str] = []
     released_roles: list[str] = []
     skipped: list[str] = []
-    moves: dict[str, int] = {StepStatus.IN_PROGRESS: -1}
+    moves: dict[str, int] = {from_status: -1}
     step.lease_agent = None
     step.lease_expires_at = None
     step.lease_attempt = None
@@ -1030,9 +1039,9 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
                 if status == StepStatus.READY:
                     released.append(key)
                     released_roles.append(role)
-        moves[StepStatus.COMPLETED] = 1
-        moves[StepStatus.PENDING] = -len(released)
-        moves[StepStatus.READY] = len(released)
+        _add(moves, StepStatus.COMPLETED, 1)
+        _add(moves, StepStatus.PENDING, -len(released))
+        _add(moves, StepStatus.READY, len(released))
         notify.notify_ready(released_roles)
         kind = "step.completed"
     else:
@@ -1050,12 +1059,12 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
     snapshot = _workflow_move(step.workflow_id, moves, events=1 + bool(released) + bool(skipped),
                               spent_usd=usage.cost_usd, spent_tokens=tokens)
     seqs = snapshot.seqs()
-    data = {"agent": agent.name, "attempt": attempt.number, "status": step.status}
+    data = {**actor, "attempt": attempt.number, "status": step.status}
     if outcome.error:
         data["error"] = outcome.error[:500]
     if step.status == StepStatus.READY:
         data["available_at"] = step.available_at.isoformat()
-    events = [_event(seqs, kind, workflow_id=step.workflow_id, step=step, agent_id=agent.id, data=data)]
+    events = [_event(seqs, kind, workflow_id=step.workflow_id, step=step, agent_id=agent_id, data=data)]
     if released:
         events.append(_event(seqs, "steps.released", workflow_id=step.workflow_id, data={"steps": released, "by": step.key}))
     if skipped:
@@ -1873,3 +1882,52 @@ def workflow_set_synthesis(*, workflow_id: UUID, synthesis: str, source: str) ->
     event_record(kind="workflow.synthesized", workflow_id=workflow.id,
                  data={"source": source, "length": len(synthesis)})
     return workflow
+
+
+# --- people's decisions and agent administration -----------------------------
+
+HUMAN_ROLE = "human"
+
+
+@transaction.atomic
+def step_decide(*, step_id: UUID, user: AbstractBaseUser, approve: bool, comment: str = "") -> dict[str, Any]:
+    """A person approves or rejects an approval step (role `human`), through the same path as a report."""
+    now = timezone.now()
+    step = _locked_step(step_id)
+    if step.role != HUMAN_ROLE:
+        raise InvalidState(f"Step {step.key!r} is for role {step.role!r}; only '{HUMAN_ROLE}' steps are decided here.")
+    if step.status != StepStatus.READY:
+        raise InvalidState(f"Step {step.key!r} is {step.status}; it can be decided once it is ready.")
+    if step.workflow.status != WorkflowStatus.RUNNING:
+        raise InvalidState(f"Workflow {step.workflow.name!r} is {step.workflow.status}; resume it first.")
+    attempt = Attempt.objects.create(
+        step=step, agent=None, number=step.attempt + 1, lease_token_hash=token_hash(secrets.token_urlsafe(16)),
+        expires_at=now,
+    )
+    step.attempt = attempt.number
+    step.save(update_fields=["attempt", "updated_at"])
+    who = user.get_username()
+    text = comment.strip()
+    outcome = Outcome(
+        status=StepStatus.COMPLETED if approve else StepStatus.FAILED,
+        final_result=(f"Approved by {who}" + (f": {text}" if text else ".")) if approve else "",
+        outputs={"decision": "approved" if approve else "rejected", "by": who, "comment": text},
+        error="" if approve else f"Rejected by {who}" + (f": {text}" if text else "."),
+        retryable=False,
+    )
+    return _finish_step(step=step, attempt=attempt, outcome=outcome, now=now, from_status=StepStatus.READY,
+                        actor={"by_user": who, "decision": outcome.outputs["decision"]}, agent_id=None)
+
+
+@transaction.atomic
+def agent_set_enabled(*, agent_id: UUID, enabled: bool, user: AbstractBaseUser | None = None) -> Agent:
+    """Disable an agent (its token stops working at once: 401) or enable it again."""
+    agent = Agent.objects.select_for_update().filter(id=agent_id).first()
+    if agent is None:
+        raise NotFound(f"Agent {agent_id} does not exist.")
+    if agent.enabled != enabled:
+        agent.enabled = enabled
+        agent.save(update_fields=["enabled"])
+        event_record(kind="agent.enabled" if enabled else "agent.disabled", agent_id=agent.id,
+                     data={"name": agent.name, **_actor(user, None)})
+    return agent

@@ -1,3 +1,11 @@
-"""WebSocket routes of the dashboard (live updates arrive with the dashboard pages)."""
+"""WebSocket routes of the dashboard."""
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from dashboard import consumers
+
+websocket_urlpatterns = [
+    path("ws/overview/", consumers.OverviewConsumer.as_asgi()),
+    path("ws/workflows/<uuid:workflow_id>/", consumers.WorkflowConsumer.as_asgi()),
+    path("ws/steps/<uuid:step_id>/", consumers.StepConsumer.as_asgi()),
+]

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from coordination import services
 from coordination.errors import Forbidden, LockConflict
-from coordination.models import Event, FileLock, LockWaiter, Step, StepStatus
+from coordination.models import Event, FileLock, LockWaiter, Step
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import step, workflow_spec
 

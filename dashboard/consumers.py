@@ -1,0 +1,99 @@
+"""WebSocket consumers of the dashboard: one per page, subscribed to its group, pushing rendered partials."""
+
+from __future__ import annotations
+
+import json
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from coordination.events import OVERVIEW_GROUP, workflow_group
+from coordination.models import Step
+from dashboard import live
+
+
+class _PageConsumer(AsyncWebsocketConsumer):
+    group = ""
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        if not await database_sync_to_async(self.resolve)():
+            await self.close(code=4404)
+            return
+        # Forms in pushed partials need the session's CSRF token; Django accepts its unmasked secret.
+        self.viewer = {"user": user, "csrf_token": self.scope.get("cookies", {}).get("csrftoken", "")}
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code):
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    def resolve(self) -> bool:
+        return True
+
+    async def receive(self, text_data=None, bytes_data=None):
+        """A page back from a disconnection asks for what it missed: {"catch_up_after": seq}."""
+        try:
+            message = json.loads(text_data or "{}")
+            after = int(message.get("catch_up_after", 0))
+        except (ValueError, TypeError, AttributeError):
+            return
+        html = await database_sync_to_async(self.refresh)(max(0, after))
+        if html:
+            await self.send(text_data=html)
+
+    async def am_event(self, message):
+        html = await database_sync_to_async(self.render)(message["event"])
+        if html:
+            await self.send(text_data=html)
+
+    def render(self, event: dict) -> str:
+        raise NotImplementedError
+
+    def refresh(self, after: int) -> str:
+        raise NotImplementedError
+
+
+class OverviewConsumer(_PageConsumer):
+    group = OVERVIEW_GROUP
+
+    def render(self, event):
+        return live.overview(event["id"], self.viewer)
+
+    def refresh(self, after):
+        return live.overview_refresh(self.viewer)
+
+
+class WorkflowConsumer(_PageConsumer):
+    def resolve(self):
+        self.workflow_id = self.scope["url_route"]["kwargs"]["workflow_id"]
+        self.group = workflow_group(self.workflow_id)
+        from coordination.models import Workflow
+
+        return Workflow.objects.filter(id=self.workflow_id).exists()
+
+    def render(self, event):
+        return live.workflow(self.workflow_id, event["id"], self.viewer)
+
+    def refresh(self, after):
+        return live.workflow_refresh(self.workflow_id, after, self.viewer)
+
+
+class StepConsumer(_PageConsumer):
+    def resolve(self):
+        self.step_id = self.scope["url_route"]["kwargs"]["step_id"]
+        workflow_id = Step.objects.filter(id=self.step_id).values_list("workflow_id", flat=True).first()
+        if workflow_id is None:
+            return False
+        self.group = workflow_group(workflow_id)
+        return True
+
+    def render(self, event):
+        return live.step(self.step_id, event["id"], self.viewer)
+
+    def refresh(self, after):
+        return live.step_refresh(self.step_id, self.viewer)

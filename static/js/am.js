@@ -1,0 +1,23 @@
+// Live updates: say when the socket is down, and catch up from the event log after a reconnect.
+(function () {
+  var opened = false;
+  function banner(show) {
+    var el = document.getElementById("live-status");
+    if (el) el.hidden = !show;
+  }
+  function lastSeq() {
+    var el = document.getElementById("live-seq");
+    return el ? parseInt(el.dataset.seq || "0", 10) : 0;
+  }
+  document.addEventListener("htmx:wsOpen", function (event) {
+    banner(false);
+    document.body.dataset.live = "open";
+    if (opened) {
+      // Events published while we were away are in the log: ask for them.
+      event.detail.socketWrapper.send(JSON.stringify({catch_up_after: lastSeq()}));
+    }
+    opened = true;
+  });
+  document.addEventListener("htmx:wsClose", function () { banner(true); document.body.dataset.live = "closed"; });
+  document.addEventListener("htmx:wsError", function () { banner(true); });
+})();
