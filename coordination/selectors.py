@@ -5,7 +5,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from coordination.errors import NotFound
@@ -67,10 +67,23 @@ def agents_with_load() -> QuerySet[Agent]:
     """Agents with `steps_held`, `locks_held` and `online` computed in one query."""
     now = timezone.now()
     cutoff = now - timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S)
+    from django.db.models import DecimalField, IntegerField, OuterRef, Subquery, Sum
+    from django.db.models.functions import Coalesce
+
+    from coordination.models import Result
+
+    def _usage(expression, output):
+        # A subquery per sum: joining results next to the counts below would multiply rows.
+        per_agent = (Result.objects.filter(attempt__agent=OuterRef("pk")).order_by().values("attempt__agent")
+                     .annotate(total=Sum(expression)).values("total"))
+        return Coalesce(Subquery(per_agent, output_field=output), 0, output_field=output)
+
     return Agent.objects.order_by("name").annotate(
         steps_held=Count("leased_steps", filter=Q(leased_steps__status=StepStatus.IN_PROGRESS), distinct=True),
         locks_held=Count("locks", filter=Q(locks__released_at__isnull=True, locks__expires_at__gt=now), distinct=True),
         online_q=Count("id", filter=Q(last_seen_at__gte=cutoff, enabled=True)),
+        tokens_used=_usage(F("prompt_tokens") + F("completion_tokens"), IntegerField()),
+        cost_usd=_usage("cost_usd", DecimalField(max_digits=14, decimal_places=6)),
     )
 
 

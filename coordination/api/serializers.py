@@ -508,6 +508,8 @@ class AgentOutSerializer(serializers.Serializer):
     last_seen_at = serializers.DateTimeField(allow_null=True)
     steps_held = serializers.IntegerField()
     locks_held = serializers.IntegerField()
+    tokens_used = serializers.IntegerField(help_text="Prompt and completion tokens of every result it reported.")
+    cost_usd = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=False)
 
 
 class LockOutSerializer(serializers.Serializer):

@@ -441,6 +441,7 @@ def _agent_payload(agent) -> dict:
         "id": agent.id, "name": agent.name, "roles": agent.roles, "capacity": agent.capacity,
         "can_submit": agent.can_submit, "enabled": agent.enabled, "online": bool(agent.online_q),
         "last_seen_at": agent.last_seen_at, "steps_held": agent.steps_held, "locks_held": agent.locks_held,
+        "tokens_used": agent.tokens_used, "cost_usd": agent.cost_usd,
     }).data
 
 

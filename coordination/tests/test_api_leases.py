@@ -240,3 +240,17 @@ class WorkflowControlTests:
         after = owner_client.get(f"/v1/workflows/{workflow.id}/events?after=2&limit=1").json()
         assert [e["seq"] for e in after["events"]] == [3] and after["has_more"] is True
         assert Workflow.objects.get(id=workflow.id).event_seq == 4
+
+
+class UsageTests:
+    def test_usage_is_summed_per_step_workflow_and_agent(self, developer, other_developer, owner_client):
+        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        for agent, tokens in ((developer, (100, 20)), (other_developer, (7, 3))):
+            step_id, token = pull(agent)
+            report(agent, step_id, token, usage={"model": "m", "prompt_tokens": tokens[0],
+                                                "completion_tokens": tokens[1], "cost_usd": 0.5})
+        workflow.refresh_from_db()
+        assert workflow.spent_tokens == 130 and float(workflow.spent_usd) == 1.0
+        agents = {a["name"]: a for a in owner_client.get("/v1/agents").json()}
+        assert agents["dev-1"]["tokens_used"] == 120 and agents["dev-2"]["tokens_used"] == 10
+        assert agents["dev-1"]["cost_usd"] == 0.5
