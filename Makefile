@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install services-start services-stop services-status clean
+.PHONY: run test bench install services-start services-stop services-status clean
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -23,6 +23,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@$(PY) bench/dispatch.py
 
 services-start: $(STAMP)
 	@$(PY) -m am_project.embedded start

@@ -11,7 +11,6 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from asgiref.sync import async_to_sync
 from django.db import connection, transaction
 
 from coordination.models import Event
@@ -69,22 +68,82 @@ def event_payload(event: Event) -> dict[str, Any]:
     }
 
 
-def publish_event(event: Event) -> None:
-    """Send the event to the dashboard groups; never raise into the caller."""
-    from channels.layers import get_channel_layer
+class _Publisher:
+    """One thread per process with its own event loop and channel layer, sending events in order.
 
-    message = {"type": "am.event", "event": event_payload(event)}
-    try:
+    Requests hand events over and return at once: they never wait on Redis, and
+    a Redis outage costs them nothing (the queue is bounded; dropped broadcasts
+    are caught up by dashboards from the log).
+    """
+
+    def __init__(self, maxsize: int = 10000) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, messages: list[tuple[str, dict]]) -> None:
+        import queue
+
+        self._ensure_started()
+        try:
+            self._queue.put_nowait(messages)
+        except queue.Full:
+            logger.warning("The broadcast queue is full (Redis down?); dropping %d message(s).", len(messages))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything submitted so far was sent (tests, shutdown)."""
+        import threading
+
+        done = threading.Event()
+        self.submit([("__flush__", {"event": done})])
+        done.wait(timeout)
+
+    def _ensure_started(self) -> None:
+        import threading
+
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="am-publisher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._loop())
+        except RuntimeError:
+            pass  # the interpreter is shutting down under this daemon thread
+
+    async def _loop(self) -> None:
+        import asyncio
+
+        from channels.layers import get_channel_layer
+
         layer = get_channel_layer()
-        if layer is None:
-            return
-        send = async_to_sync(layer.group_send)
-        if event.workflow_id:
-            send(workflow_group(event.workflow_id), message)
-        send(OVERVIEW_GROUP, message)
-    except Exception:  # noqa: BLE001 - a broken broadcast must not undo a committed change
-        logger.warning("Could not publish event %s (%s); dashboards will catch up from the log.",
-                       event.id, event.kind, exc_info=True)
+        while True:
+            messages = await asyncio.to_thread(self._queue.get)
+            for group, message in messages:
+                if group == "__flush__":
+                    message["event"].set()
+                    continue
+                try:
+                    await asyncio.wait_for(layer.group_send(group, message), timeout=2.0)
+                except Exception:  # noqa: BLE001 - a broken broadcast must not stop the publisher
+                    logger.warning("Could not publish to %s; dashboards will catch up from the log.", group,
+                                   exc_info=True)
+
+
+publisher = _Publisher()
+
+
+def publish_event(event: Event) -> None:
+    """Queue the event for the dashboard groups (workflow and overview); never blocks, never raises."""
+    message = {"type": "am.event", "event": event_payload(event)}
+    groups = ([workflow_group(event.workflow_id)] if event.workflow_id else []) + [OVERVIEW_GROUP]
+    publisher.submit([(group, message) for group in groups])
 
 
 def event_record_many(events: list[Event]) -> list[Event]:

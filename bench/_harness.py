@@ -1,0 +1,146 @@
+"""Shared plumbing for the benchmarks: a fresh database, servers to measure, clients, and reporting.
+
+Every benchmark runs against one PostgreSQL (DATABASE_URL's server, else the
+embedded one under var/) in a database of its own, `am_bench`, created fresh,
+so figures compared in one run share the machine, the server and the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+BENCH_DB = os.environ.get("AM_BENCH_DATABASE", "am_bench")
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _server_params() -> dict:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        import dj_database_url
+
+        parsed = dj_database_url.parse(url)
+        return {"host": parsed["HOST"] or "127.0.0.1", "port": int(parsed["PORT"] or 5432),
+                "user": parsed["USER"] or "postgres", "password": parsed["PASSWORD"] or ""}
+    from am_project import embedded
+
+    pg = embedded.ensure_postgres()
+    return {"host": pg.host, "port": pg.port, "user": pg.user, "password": ""}
+
+
+def database_url(params: dict, name: str = BENCH_DB) -> str:
+    auth = quote(params["user"], safe="") + (f":{quote(params['password'], safe='')}" if params["password"] else "")
+    return f"postgresql://{auth}@{quote(params['host'], safe='')}:{params['port']}/{name}"
+
+
+def fresh_database() -> tuple[str, dict]:
+    """Drop and create `am_bench`, migrate it, and point this process's Django at it."""
+    import psycopg
+    from psycopg import sql
+
+    params = _server_params()
+    with psycopg.connect(dbname="postgres", autocommit=True, **params) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [BENCH_DB])
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(BENCH_DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DB)))
+    url = database_url(params)
+    os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "am_project.settings")
+    os.environ.setdefault("AM_LOG_LEVEL", "WARNING")
+    say(f"database {BENCH_DB} on {params['host']}:{params['port']}: migrating")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=BASE_DIR, check=True)
+    import django
+
+    django.setup()
+    return url, params
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SERVERS = {
+    "daphne": lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                            "am_project.asgi:application"],
+    "gunicorn-uvicorn": lambda port: [sys.executable, "-m", "gunicorn", "am_project.asgi:application",
+                                      "-k", "uvicorn_worker.UvicornWorker", "-w", "3", "-b", f"127.0.0.1:{port}",
+                                      "--log-level", "warning"],
+}
+
+
+@contextmanager
+def server(kind: str):
+    """Start a web server on the bench database; yield (base URL, process)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "AM_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen(SERVERS[kind](port), cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{kind} exited: {process.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{kind} did not answer /healthz within 60 s")
+        time.sleep(0.2)
+    try:
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    print(f"\n{title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def emit(result: dict) -> None:
+    """The last line of every benchmark: one JSON object with its figures."""
+    print(json.dumps({**result, "machine": machine()}), flush=True)
+
+
+__all__ = ["database_url", "emit", "fresh_database", "percentile", "say", "server", "statistics", "table"]
