@@ -116,7 +116,7 @@ _default_db.setdefault("OPTIONS", {})
 _default_db["OPTIONS"].setdefault("connect_timeout", env_int("AM_DB_CONNECT_TIMEOUT_S", 5, minimum=1))
 _default_db["CONN_HEALTH_CHECKS"] = _conn_max_age > 0
 # A pool of connections per process (psycopg_pool), instead of a connection per request.
-if env_bool("AM_DB_POOL", True) and _conn_max_age == 0:
+if env_bool("AM_DB_POOL", False) and _conn_max_age == 0:
     _default_db["OPTIONS"]["pool"] = {
         "min_size": env_int("AM_DB_POOL_MIN", 2, minimum=0),
         "max_size": env_int("AM_DB_POOL_MAX", 20, minimum=1),
