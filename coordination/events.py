@@ -69,29 +69,38 @@ def event_payload(event: Event) -> dict[str, Any]:
 
 
 class _Publisher:
-    """One thread per process with its own event loop and channel layer, sending events in order.
+    """One daemon thread per process with its own event loop and channel layer, sending events in order.
 
-    Requests hand events over and return at once: they never wait on Redis, and
-    a Redis outage costs them nothing (the queue is bounded; dropped broadcasts
-    are caught up by dashboards from the log).
+    Requests hand events over (`call_soon_threadsafe`) and return at once: they
+    never wait on Redis, and a Redis outage costs them nothing (the queue is
+    bounded; dropped broadcasts are caught up by dashboards from the log). The
+    loop waits on an asyncio queue, so no non-daemon thread keeps the process alive.
     """
 
     def __init__(self, maxsize: int = 10000) -> None:
-        import queue
         import threading
 
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._maxsize = maxsize
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._loop = None
+        self._queue = None
 
     def submit(self, messages: list[tuple[str, dict]]) -> None:
-        import queue
-
-        self._ensure_started()
+        if not self._ensure_started():
+            logger.warning("The broadcast thread is not running; dropping %d message(s).", len(messages))
+            return
         try:
-            self._queue.put_nowait(messages)
-        except queue.Full:
+            self._loop.call_soon_threadsafe(self._put, messages)
+        except RuntimeError:
+            pass  # the loop is closed: the process is exiting
+
+    def _put(self, messages) -> None:
+        if self._queue.qsize() >= self._maxsize:
             logger.warning("The broadcast queue is full (Redis down?); dropping %d message(s).", len(messages))
+            return
+        self._queue.put_nowait(messages)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything submitted so far was sent (tests, shutdown)."""
@@ -101,30 +110,37 @@ class _Publisher:
         self.submit([("__flush__", {"event": done})])
         done.wait(timeout)
 
-    def _ensure_started(self) -> None:
+    def _ensure_started(self) -> bool:
         import threading
 
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                self._ready.clear()
                 self._thread = threading.Thread(target=self._run, name="am-publisher", daemon=True)
                 self._thread.start()
+        return self._ready.wait(5)
 
     def _run(self) -> None:
         import asyncio
 
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._queue = asyncio.Queue()
+        self._ready.set()
         try:
-            asyncio.run(self._loop())
+            loop.run_until_complete(self._consume())
         except RuntimeError:
             pass  # the interpreter is shutting down under this daemon thread
 
-    async def _loop(self) -> None:
+    async def _consume(self) -> None:
         import asyncio
 
         from channels.layers import get_channel_layer
 
         layer = get_channel_layer()
         while True:
-            messages = await asyncio.to_thread(self._queue.get)
+            messages = await self._queue.get()
             for group, message in messages:
                 if group == "__flush__":
                     message["event"].set()
