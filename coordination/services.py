@@ -26,6 +26,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from agents.llm.base import Usage  # one definition for workers and server
 from coordination import notify
 from coordination.errors import (
     AtCapacity,
@@ -887,14 +888,6 @@ def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
                    data={"attempt": attempt.number, "iterations": added})
         ])
     return {"expires_at": step.lease_expires_at, "cancel": workflow.status == WorkflowStatus.PAUSED}
-
-
-@dataclass
-class Usage:
-    model: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: Decimal = Decimal(0)
 
 
 @dataclass
