@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) bench/dispatch.py
+	@$(PY) bench/scaling.py
 
 services-start: $(STAMP)
 	@$(PY) -m am_project.embedded start

@@ -1,0 +1,90 @@
+"""Scaling: time and query count per report, and per status call, at 10, 1,000 and 10,000 steps.
+
+The work per report must follow the step's own dependents and the status call
+must read maintained counters, so both stay flat as the workflow grows
+(target: the 10,000-step figure within 1.2x the 10-step one).
+
+    python bench/scaling.py [--repeat 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from _harness import emit, fresh_database, percentile, say, table
+
+SIZES = [10, 1000, 10000]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=200, help="reports and status calls measured per size")
+    args = parser.parse_args()
+    os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1")
+    fresh_database()
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from rest_framework.test import APIClient
+
+    from coordination import services
+
+    results = {}
+    for size in SIZES:
+        role = f"scale{size}"
+        # A fan: one root, then (size - 1) independent leaves; each leaf's report releases nothing,
+        # so the figure isolates the cost that could grow with the workflow.
+        spec = services.WorkflowSpec(name=f"scale {size}", steps=tuple(
+            [services.StepSpec(key="root", name="root", role=role)]
+            + [services.StepSpec(key=f"s{i}", name="x", role=role, depends_on=("root",)) for i in range(size - 1)]))
+        workflow = services.workflow_create(spec=spec)
+        agent, token = services.agent_create(name=f"scaler-{size}", roles=[role], capacity=1)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+        owner = APIClient()
+        owner.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+        report_ms, report_q, status_ms, status_q = [], [], [], []
+        repeat = min(args.repeat, size - 1) if size > 1 else 1
+        for index in range(repeat + 1):
+            body = client.get(f"/v1/tasks/{role}/ready").json()
+            payload = {"step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed"}
+            with CaptureQueriesContext(connection) as queries:
+                started = time.perf_counter()
+                response = client.post("/v1/report_result", payload, format="json")
+                elapsed = time.perf_counter() - started
+            assert response.status_code == 200, response.content
+            with CaptureQueriesContext(connection) as status_queries:
+                started = time.perf_counter()
+                status = owner.get(f"/v1/workflows/{workflow.id}/status")
+                status_elapsed = time.perf_counter() - started
+            assert status.status_code == 200
+            if index == 0:
+                continue  # the root's report releases every leaf: measured apart from the steady state
+            report_ms.append(elapsed * 1000)
+            report_q.append(len(queries))
+            status_ms.append(status_elapsed * 1000)
+            status_q.append(len(status_queries))
+        results[size] = {
+            "report_ms_p50": round(percentile(report_ms, 50), 3), "report_queries": int(percentile(report_q, 50)),
+            "status_ms_p50": round(percentile(status_ms, 50), 3), "status_queries": int(percentile(status_q, 50)),
+        }
+        say(f"{size} steps: report {results[size]['report_ms_p50']} ms / {results[size]['report_queries']} queries, "
+            f"status {results[size]['status_ms_p50']} ms / {results[size]['status_queries']} queries")
+    small, large = results[SIZES[0]], results[SIZES[-1]]
+    ratios = {"report_time": round(large["report_ms_p50"] / small["report_ms_p50"], 3),
+              "status_time": round(large["status_ms_p50"] / small["status_ms_p50"], 3),
+              "report_queries": large["report_queries"] / small["report_queries"],
+              "status_queries": large["status_queries"] / small["status_queries"]}
+    table("Scaling: per report and per status call (p50, in-process test client)",
+          ["steps", "report ms", "report queries", "status ms", "status queries"],
+          [[size, r["report_ms_p50"], r["report_queries"], r["status_ms_p50"], r["status_queries"]]
+           for size, r in results.items()])
+    print(f"10,000 vs 10 steps: report time x{ratios['report_time']}, status time x{ratios['status_time']} "
+          f"(target: at most x1.2)")
+    emit({"benchmark": "scaling", "results": results, "ratios_10000_vs_10": ratios,
+          "meets_target": all(v <= 1.2 for v in ratios.values())})
+
+
+if __name__ == "__main__":
+    main()
