@@ -75,12 +75,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Web servers to measure: the command, and the environment it runs with.
+# `AM_WEB_WORKERS` sets the process count of the multi-process servers (default 3).
+def _workers() -> str:
+    return os.environ.get("AM_WEB_WORKERS", "3")
+
+
 SERVERS = {
-    "daphne": lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                            "am_project.asgi:application"],
-    "gunicorn-uvicorn": lambda port: [sys.executable, "-m", "gunicorn", "am_project.asgi:application",
-                                      "-k", "uvicorn_worker.UvicornWorker", "-w", "3", "-b", f"127.0.0.1:{port}",
-                                      "--log-level", "warning"],
+    # daphne: one process, every request on the event loop, sync views in threads; a pool per process.
+    "daphne": (lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                             "am_project.asgi:application"], {"AM_DB_POOL": "1"}),
+    # gunicorn with uvicorn workers: the same ASGI application in several processes.
+    "gunicorn-uvicorn": (lambda port: [sys.executable, "-m", "gunicorn", "am_project.asgi:application",
+                                       "-k", "uvicorn_worker.UvicornWorker", "-w", _workers(),
+                                       "-b", f"127.0.0.1:{port}", "--log-level", "warning"], {"AM_DB_POOL": "1"}),
+    # gunicorn with threads (WSGI): no event loop in the request path; a persistent connection per thread.
+    "gunicorn-gthread": (lambda port: [sys.executable, "-m", "gunicorn", "am_project.wsgi:application",
+                                       "-k", "gthread", "-w", _workers(), "--threads", "16",
+                                       "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
+                         {"AM_DB_CONN_MAX_AGE": "300"}),
 }
 
 
@@ -90,8 +103,9 @@ def server(kind: str):
     import httpx
 
     port = free_port()
-    env = {**os.environ, "AM_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen(SERVERS[kind](port), cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL,
+    command, server_env = SERVERS[kind]
+    env = {**os.environ, "AM_LOG_LEVEL": "WARNING", **server_env}
+    process = subprocess.Popen(command(port), cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

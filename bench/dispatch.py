@@ -164,9 +164,12 @@ def procrastinate_setup(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--servers", default="daphne,gunicorn-uvicorn")
+    parser.add_argument("--servers", default="daphne,gunicorn-uvicorn,gunicorn-gthread")
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     parser.add_argument("--jobs", type=int, default=3000, help="procrastinate jobs per concurrency level")
     args = parser.parse_args()
+    global CONCURRENCY
+    CONCURRENCY = [int(n) for n in args.clients.split(",")]
     url, params = fresh_database()
 
     from coordination import services

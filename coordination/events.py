@@ -51,6 +51,11 @@ def event_record(
     event = Event.objects.create(
         workflow_id=workflow_id, seq=seq, kind=kind, step_id=step_id, agent_id=agent_id, data=data or {}
     )
+    return event_published(event)
+
+
+def event_published(event: Event) -> Event:
+    """Publish an event the caller has inserted, once the transaction commits."""
     transaction.on_commit(lambda: publish_event(event))
     return event
 

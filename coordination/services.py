@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from collections import deque
@@ -19,7 +20,7 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -27,7 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from agents.llm.base import Usage  # one definition for workers and server
-from coordination import notify
+from coordination import notify, rows
 from coordination.errors import (
     AtCapacity,
     Conflict,
@@ -40,7 +41,7 @@ from coordination.errors import (
     NotFound,
     StaleLease,
 )
-from coordination.events import event_record, event_record_many
+from coordination.events import event_published, event_record, event_record_many
 from coordination.models import (
     KEY_PATTERN,
     ROLE_PATTERN,
@@ -563,8 +564,8 @@ def _event(snapshot_seqs, kind: str, *, workflow_id: UUID, step: Step | None = N
     )
 
 
-def _settle_workflow(snapshot: WorkflowSnapshot) -> str:
-    """Finish a running or paused workflow when nothing more can run; return its status.
+def _settled_status(snapshot: WorkflowSnapshot) -> str:
+    """The status a running or paused workflow settles to after a change: finished when nothing more can run.
 
     All steps completed: `completed`. Nothing ready or in progress and some step
     not completed (failed, skipped, cancelled, or pending behind one): `failed`.
@@ -573,11 +574,18 @@ def _settle_workflow(snapshot: WorkflowSnapshot) -> str:
         return snapshot.status
     counts = snapshot.counts
     if counts[StepStatus.COMPLETED] == snapshot.total_steps and snapshot.total_steps:
-        new_status = WorkflowStatus.COMPLETED
-    elif counts[StepStatus.READY] == 0 and counts[StepStatus.IN_PROGRESS] == 0:
-        new_status = WorkflowStatus.FAILED
-    else:
-        return snapshot.status
+        return WorkflowStatus.COMPLETED
+    if counts[StepStatus.READY] == 0 and counts[StepStatus.IN_PROGRESS] == 0:
+        return WorkflowStatus.FAILED
+    return snapshot.status
+
+
+def _settle_workflow(snapshot: WorkflowSnapshot) -> str:
+    """Finish a running or paused workflow when nothing more can run (see `_settled_status`); return its status."""
+    new_status = _settled_status(snapshot)
+    if new_status == snapshot.status:
+        return new_status
+    counts = snapshot.counts
     now = timezone.now()
     reason = ""
     if new_status == WorkflowStatus.FAILED:
@@ -642,16 +650,37 @@ class PullMiss:
 MAX_LOCK_BLOCKED_CANDIDATES = 25
 
 
-_CLAIM_SQL = """
-SELECT s.id FROM coordination_step s
-JOIN coordination_workflow w ON w.id = s.workflow_id
-WHERE s.status = 'ready' AND s.role = ANY(%s::text[]) AND s.role <> 'human' AND s.available_at <= %s
-  AND w.status = 'running'
-  AND NOT (s.id = ANY(%s::uuid[]))
-ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
-LIMIT 1
-FOR UPDATE OF s SKIP LOCKED
+# The capacity check and the claim, in one statement. It runs after the agent's
+# row is locked, so its snapshot sees every lease the agent was granted before.
+# The claim takes the best ready step with `FOR UPDATE SKIP LOCKED` (concurrent
+# pulls never get the same one) and brings what the lease answer needs: the
+# workflow's and project's names and the dependencies' results.
+_CLAIM_SQL_TEMPLATE = f"""
+SELECT held.n, c.*
+FROM (SELECT count(*) AS n FROM coordination_step
+      WHERE lease_agent_id = %(agent)s AND status = 'in_progress') AS held
+LEFT JOIN LATERAL (
+    SELECT {rows.select_list(Step, "s")},
+           w.name AS w_name, w.project_id AS w_project_id, p.name AS p_name,
+           (SELECT coalesce(json_agg(json_build_array(d.key, d.final_result, d.outputs) ORDER BY d.key), '[]')
+            FROM coordination_stepdependency e JOIN coordination_step d ON d.id = e.depends_on_id
+            WHERE e.step_id = s.id) AS dep_results
+    FROM coordination_step s
+    JOIN coordination_workflow w ON w.id = s.workflow_id
+    JOIN coordination_project p ON p.id = w.project_id
+    WHERE held.n < %(capacity)s
+      AND s.status = 'ready' AND {{role_condition}} AND s.role <> 'human' AND s.available_at <= %(now)s
+      AND w.status = 'running'
+      AND NOT (s.id = ANY(%(passed_over)s::uuid[]))
+    ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
+    LIMIT 1
+    FOR UPDATE OF s SKIP LOCKED
+) AS c ON true
 """
+# One role (the usual pull) reads the ready-queue index in order and stops at the
+# first unlocked row; several roles merge their queues (a sort of their ready steps).
+_CLAIM_SQL = _CLAIM_SQL_TEMPLATE.format(role_condition="s.role = %(role)s")
+_CLAIM_SQL_ROLES = _CLAIM_SQL_TEMPLATE.format(role_condition="s.role = ANY(%(roles)s::text[])")
 
 _NEXT_AVAILABLE_SQL = """
 SELECT min(s.available_at) FROM coordination_step s
@@ -709,32 +738,47 @@ def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> L
                 f"Idempotency-Key {idempotency_key!r} was used for step {previous.step.key!r}, whose lease has ended; "
                 "send a new key with every new pull.",
             )
-    Agent.objects.select_for_update().filter(id=agent.id).values_list("id", flat=True).first()
-    held = Step.objects.filter(lease_agent=agent, status=StepStatus.IN_PROGRESS).count()
-    if held >= agent.capacity:
-        raise AtCapacity(
-            f"Agent {agent.name!r} holds {held} step(s), its capacity; report or hand back one before pulling another.",
-            held=held,
-            capacity=agent.capacity,
-        )
-    now = timezone.now()
-    passed_over: list[UUID] = []
-    blocked_projects: set[UUID] = set()
     with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM coordination_agent WHERE id = %s FOR UPDATE", [agent.id])
+        now = timezone.now()
+        passed_over: list[UUID] = []
+        blocked_projects: set[UUID] = set()
         for _ in range(MAX_LOCK_BLOCKED_CANDIDATES):
-            cursor.execute(_CLAIM_SQL, [roles, now, passed_over])
-            row = cursor.fetchone()
-            if row is None:
+            cursor.execute(_CLAIM_SQL if len(roles) == 1 else _CLAIM_SQL_ROLES, {
+                "agent": agent.id, "capacity": agent.capacity, "role": roles[0], "roles": roles, "now": now,
+                "passed_over": passed_over})
+            held, *row = cursor.fetchone()
+            if held >= agent.capacity:
+                raise AtCapacity(
+                    f"Agent {agent.name!r} holds {held} step(s), its capacity; report or hand back one before "
+                    "pulling another.",
+                    held=held,
+                    capacity=agent.capacity,
+                )
+            if row[0] is None:
                 break
-            step = Step.objects.select_related("workflow__project").get(id=row[0])
+            step, dep_results = _claimed_step(row)
             if step.files and _declared_files_blocked(step=step, agent=agent):
                 # Lock-aware scheduling: hand out another step rather than one that would wait.
                 passed_over.append(step.id)
                 blocked_projects.add(step.workflow.project_id)
                 continue
-            return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now)
+            return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now, dep_results=dep_results)
         cursor.execute(_NEXT_AVAILABLE_SQL, [roles, now])
         return PullMiss(next_available_at=cursor.fetchone()[0], blocked_projects=blocked_projects)
+
+
+def _claimed_step(row: list[Any]) -> tuple[Step, list]:
+    """The Step (with its workflow and project, names only) of a `_CLAIM_SQL` row, and its dependencies' results."""
+    width = rows.width(Step)
+    step = rows.from_row(Step, row[:width])
+    workflow_name, project_id, project_name, dep_results = row[width:]
+    if isinstance(dep_results, str):
+        dep_results = json.loads(dep_results)
+    workflow = Workflow(id=step.workflow_id, name=workflow_name, project_id=project_id)
+    workflow.project = Project(id=project_id, name=project_name)
+    step.workflow = workflow
+    return step, dep_results
 
 
 def _declared_files_by_mode(step: Step) -> dict[str, list[str]]:
@@ -755,40 +799,75 @@ def _declared_files_blocked(*, step: Step, agent: Agent) -> bool:
     )
 
 
-def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime) -> Lease:
+_GRANT_SQL = """
+WITH attempt AS (
+    INSERT INTO coordination_attempt (id, step_id, agent_id, number, lease_token_hash, idempotency_key, started_at,
+                                      expires_at, ended_at, outcome)
+    VALUES (%(attempt)s, %(step)s, %(agent)s, %(number)s, %(hash)s, %(key)s, %(now)s, %(expires)s, NULL, '')
+    RETURNING id
+), step AS (
+    UPDATE coordination_step
+    SET status = 'in_progress', attempt = %(number)s, lease_agent_id = %(agent)s, lease_token_hash = %(hash)s,
+        lease_expires_at = %(expires)s, lease_attempt_id = %(attempt)s, started_at = coalesce(started_at, %(now)s),
+        updated_at = %(now)s
+    WHERE id = %(step)s
+    RETURNING started_at
+), workflow AS (
+    UPDATE coordination_workflow
+    SET event_seq = event_seq + 1, n_ready = n_ready - 1, n_in_progress = n_in_progress + 1,
+        updated_at = statement_timestamp()
+    WHERE id = %(workflow)s
+    RETURNING event_seq
+)
+INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+SELECT %(workflow)s, workflow.event_seq, 'step.leased', %(step)s, %(agent)s, %(data)s::jsonb, %(now)s
+FROM workflow, step, attempt
+RETURNING id, seq, (SELECT started_at FROM step)
+"""
+
+
+def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime, dep_results: list) -> Lease:
+    """Lease a claimed step: its attempt, the step's lease, the counters and the event, in one statement."""
     attempt = Attempt(
         step=step,
         agent=agent,
         number=step.attempt + 1,
         idempotency_key=idempotency_key,
+        started_at=now,
         expires_at=now + timedelta(seconds=step.lease_ttl_s),
     )
     token = lease_token_for(attempt.id)
     attempt.lease_token_hash = token_hash(token)
-    attempt.save(force_insert=True)
-    step.status = StepStatus.IN_PROGRESS
-    step.attempt = attempt.number
-    step.lease_agent = agent
-    step.lease_token_hash = attempt.lease_token_hash
-    step.lease_expires_at = attempt.expires_at
-    step.lease_attempt = attempt
-    step.started_at = step.started_at or now
-    step.save(update_fields=["status", "attempt", "lease_agent", "lease_token_hash", "lease_expires_at",
-                             "lease_attempt", "started_at", "updated_at"])
-    data = {"agent": agent.name, "attempt": attempt.number, "expires_at": _iso(attempt.expires_at)}
+    data = {"step": step.key, "agent": agent.name, "attempt": attempt.number, "expires_at": _iso(attempt.expires_at)}
     if step.files:
         # The declared files come with the lease, in the same transaction (the project lock is held).
         lock_now = _db_now()
         locks = []
         for mode, paths in _declared_files_by_mode(step).items():
             locks += _grant_locks(project_id=step.workflow.project_id, paths=paths, mode=mode, agent=agent,
-                                  step=step, expires_at=step.lease_expires_at, now=lock_now)
+                                  step=step, expires_at=attempt.expires_at, now=lock_now)
         data.update(_lock_event_data(locks))
-    snapshot = _workflow_move(step.workflow_id, {StepStatus.READY: -1, StepStatus.IN_PROGRESS: +1})
-    event_record_many([
-        _event(snapshot.seqs(), "step.leased", workflow_id=step.workflow_id, step=step, agent_id=agent.id, data=data)
-    ])
-    return Lease(step=step, attempt=attempt, token=token, inputs=step_inputs(step))
+    with connection.cursor() as cursor:
+        cursor.execute(_GRANT_SQL, {
+            "attempt": attempt.id, "step": step.id, "agent": agent.id, "number": attempt.number,
+            "hash": attempt.lease_token_hash, "key": idempotency_key, "now": now, "expires": attempt.expires_at,
+            "workflow": step.workflow_id, "data": json.dumps(data),
+        })
+        event_id, seq, started_at = cursor.fetchone()
+    attempt._state.adding = False
+    step.status = StepStatus.IN_PROGRESS
+    step.attempt = attempt.number
+    step.lease_agent = agent
+    step.lease_token_hash = attempt.lease_token_hash
+    step.lease_expires_at = attempt.expires_at
+    step.lease_attempt = attempt
+    step.started_at = started_at
+    step.updated_at = now
+    event_published(Event(id=event_id, workflow_id=step.workflow_id, seq=seq, kind="step.leased", step_id=step.id,
+                           agent_id=agent.id, data=data, at=now))
+    inputs = {key: {"final_result": final_result, "outputs": outputs} for key, final_result, outputs in dep_results}
+    inputs.update(step.extra_inputs or {})
+    return Lease(step=step, attempt=attempt, token=token, inputs=inputs)
 
 
 @dataclass
@@ -799,15 +878,42 @@ class IterationIn:
     observation: str = ""
 
 
-def _locked_step(step_id: UUID) -> Step:
-    step = (
-        Step.objects.select_for_update(of=("self",))
-        .select_related("workflow", "lease_attempt")
-        .filter(id=step_id)
-        .first()
-    )
-    if step is None:
+_LOCKED_STEP_SQL = f"""
+SELECT {rows.select_list(Step, "s")}, {rows.select_list(Workflow, "w")}, {rows.select_list(Attempt, "a")},
+       {{replay}}
+FROM coordination_step s
+JOIN coordination_workflow w ON w.id = s.workflow_id
+LEFT JOIN coordination_attempt a ON a.id = s.lease_attempt_id
+WHERE s.id = %(step)s
+FOR UPDATE OF s
+"""
+_LOCKED_STEP_SQL_PLAIN = _LOCKED_STEP_SQL.format(replay="NULL")
+_LOCKED_STEP_SQL_REPLAY = _LOCKED_STEP_SQL.format(replay="""(
+    SELECT r.response FROM coordination_result r JOIN coordination_attempt ra ON ra.id = r.attempt_id
+    WHERE r.step_id = s.id AND ra.lease_token_hash = %(hash)s AND ra.agent_id = %(agent)s)""")
+
+
+def _locked_step(step_id: UUID, *, replay_for: tuple[str, UUID] | None = None) -> Step:
+    """The step, locked (`FOR UPDATE`), with its workflow and current attempt.
+
+    `replay_for=(lease token hash, agent id)`: also read the answer already given
+    to a report of that lease, as `step.replay` (None if there was none).
+    """
+    params: dict[str, Any] = {"step": step_id}
+    if replay_for is not None:
+        params["hash"], params["agent"] = replay_for
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCKED_STEP_SQL_PLAIN if replay_for is None else _LOCKED_STEP_SQL_REPLAY, params)
+        row = cursor.fetchone()
+    if row is None:
         raise NotFound(f"Step {step_id} does not exist.")
+    n_step, n_workflow, n_attempt = rows.width(Step), rows.width(Workflow), rows.width(Attempt)
+    step = rows.from_row(Step, row[:n_step])
+    step.workflow = rows.from_row(Workflow, row[n_step:n_step + n_workflow])
+    attempt_values = row[n_step + n_workflow:n_step + n_workflow + n_attempt]
+    step.lease_attempt = rows.from_row(Attempt, attempt_values) if attempt_values[0] is not None else None
+    replay = row[-1]
+    step.replay = json.loads(replay) if isinstance(replay, str) else replay
     return step
 
 
@@ -927,6 +1033,10 @@ RETURNING s.key
 
 def _end_attempt(attempt: Attempt, outcome: str, now: datetime) -> None:
     Attempt.objects.filter(id=attempt.id).update(ended_at=now, outcome=outcome)
+    _end_attempt_in_memory(attempt, outcome, now)
+
+
+def _end_attempt_in_memory(attempt: Attempt, outcome: str, now: datetime) -> None:
     attempt.ended_at = now
     attempt.outcome = outcome
 
@@ -990,12 +1100,18 @@ def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outco
 @transaction.atomic
 def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any]:
     now = timezone.now()
-    step = _locked_step(step_id)
     hashed = token_hash(lease_token or "")
-    replay = Result.objects.filter(step=step, attempt__lease_token_hash=hashed, attempt__agent=agent).first()
-    if replay is not None:
-        return replay.response
-    attempt = _held_attempt(step, agent, lease_token)
+    step = _locked_step(step_id, replay_for=(hashed, agent.id))
+    if step.replay is not None:
+        return step.replay
+    try:
+        attempt = _held_attempt(step, agent, lease_token)
+    except StaleLease:
+        # A report of the same lease may have committed while this one waited for the step's lock.
+        replay = Result.objects.filter(step=step, attempt__lease_token_hash=hashed, attempt__agent=agent).first()
+        if replay is not None:
+            return replay.response
+        raise
     if not _lease_live(step, now):
         ended = "expired" if step.status == StepStatus.IN_PROGRESS else step.status
         raise StaleLease(
@@ -1007,37 +1123,115 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
                         actor={"agent": agent.name}, agent_id=agent.id)
 
 
+_COMPLETE_SQL = """
+WITH attempt AS (
+    UPDATE coordination_attempt SET ended_at = %(now)s, outcome = 'completed' WHERE id = %(attempt)s RETURNING id
+), step AS (
+    UPDATE coordination_step
+    SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
+        finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
+        updated_at = %(now)s
+    WHERE id = %(step)s
+    RETURNING id
+), released AS (
+    UPDATE coordination_step s
+    SET remaining_deps = s.remaining_deps - 1,
+        status = CASE WHEN s.remaining_deps = 1 THEN 'ready' ELSE s.status END,
+        available_at = CASE WHEN s.remaining_deps = 1 THEN %(now)s ELSE s.available_at END,
+        updated_at = %(now)s
+    FROM coordination_stepdependency e
+    WHERE e.depends_on_id = %(step)s AND s.id = e.step_id AND s.status = 'pending'
+    RETURNING s.key, s.status, s.role
+), ready AS (
+    SELECT coalesce(array_agg(key ORDER BY key), '{{}}') AS keys, coalesce(array_agg(DISTINCT role), '{{}}') AS roles,
+           count(*) AS n
+    FROM released WHERE status = 'ready'
+), locks AS (
+    UPDATE coordination_filelock l
+    SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = 'completed'
+    WHERE l.step_id = %(step)s AND l.released_at IS NULL
+    RETURNING l.project_id, l.agent_id, l.path, l.mode, l.fencing
+), workflow AS (
+    UPDATE coordination_workflow w
+    SET event_seq = event_seq + 1 + (ready.n > 0)::int, {counter_sets},
+        spent_usd = spent_usd + %(usd)s, spent_tokens = spent_tokens + %(tokens)s, updated_at = statement_timestamp()
+    FROM ready
+    WHERE w.id = %(workflow)s
+    RETURNING w.event_seq, w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens,
+              {counter_columns}, ready.keys, ready.roles, ready.n
+)
+SELECT workflow.*,
+       (SELECT count(pg_notify('{ready_channel}', r)) FROM unnest(workflow.roles) AS r),
+       (SELECT coalesce(json_agg(json_build_array(project_id, agent_id, path, mode, fencing)), '[]') FROM locks)
+FROM workflow, attempt, step
+"""
+
+
+def _complete_sql(from_status: str) -> str:
+    deltas = {STEP_COUNTER_FIELDS[from_status]: "- 1", STEP_COUNTER_FIELDS[StepStatus.COMPLETED]: "+ 1"}
+    for status, sign in ((StepStatus.PENDING, "-"), (StepStatus.READY, "+")):
+        column = STEP_COUNTER_FIELDS[status]
+        deltas[column] = f"{deltas.get(column, '')} {sign} ready.n".strip()
+    return _COMPLETE_SQL.format(
+        counter_sets=", ".join(f"{column} = w.{column} {delta}" for column, delta in deltas.items()),
+        counter_columns=", ".join(f"w.{column}" for column in _COUNTER_COLUMNS),
+        ready_channel=notify.STEP_READY,
+    )
+
+
+_COMPLETE_SQL_BY_STATUS = {status: _complete_sql(status) for status in (StepStatus.IN_PROGRESS, StepStatus.READY)}
+
+
+def _complete_in_db(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
+                    ) -> tuple[WorkflowSnapshot, list[str], list]:
+    """Complete a step in one statement: its attempt and row, the dependents it releases (with their NOTIFY),
+    its locks, the workflow's counters, spend and two event numbers. Returns the workflow as left, the keys
+    released, and the locks released."""
+    usage = outcome.usage
+    with connection.cursor() as cursor:
+        cursor.execute(_COMPLETE_SQL_BY_STATUS[from_status], {
+            "now": now, "attempt": attempt.id, "step": step.id, "workflow": step.workflow_id,
+            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
+            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens,
+        })
+        row = cursor.fetchone()
+    (last_seq, status, total, spent_usd, spent_tokens, budget_usd, budget_tokens, *rest) = row
+    counts = rest[:len(_COUNTER_COLUMNS)]
+    released_keys, _roles, n_released, _notified, lock_rows = rest[len(_COUNTER_COLUMNS):]
+    events = 1 + bool(n_released)
+    snapshot = WorkflowSnapshot(
+        id=step.workflow_id, status=status, total_steps=total, counts=dict(zip(STEP_COUNTER_FIELDS.keys(), counts)),
+        first_seq=last_seq - events + 1, last_seq=last_seq, spent_usd=spent_usd, spent_tokens=spent_tokens,
+        budget_usd=budget_usd, budget_tokens=budget_tokens,
+    )
+    _end_attempt_in_memory(attempt, AttemptOutcome.COMPLETED, now)
+    step.status = StepStatus.COMPLETED
+    step.final_result = outcome.final_result
+    step.outputs = outcome.outputs
+    step.error = ""
+    step.finished_at = now
+    step.updated_at = now
+    if isinstance(lock_rows, str):
+        lock_rows = json.loads(lock_rows)
+    return snapshot, list(released_keys), lock_rows
+
+
 def _finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
                  actor: dict[str, Any], agent_id: UUID | None) -> dict[str, Any]:
     """Apply an outcome to a step (an agent's report, or a person's decision on an approval step)."""
     released: list[str] = []
-    released_roles: list[str] = []
     skipped: list[str] = []
-    moves: dict[str, int] = {from_status: -1}
+    lock_rows: list = []
     step.lease_agent = None
     step.lease_expires_at = None
     step.lease_attempt = None
+    usage = outcome.usage
     if outcome.status == StepStatus.COMPLETED:
-        _end_attempt(attempt, AttemptOutcome.COMPLETED, now)
-        step.status = StepStatus.COMPLETED
-        step.final_result = outcome.final_result
-        step.outputs = outcome.outputs
-        step.error = ""
-        step.finished_at = now
-        step.save(update_fields=["status", "final_result", "outputs", "error", "finished_at", "lease_agent",
-                                 "lease_expires_at", "lease_attempt", "updated_at"])
-        with connection.cursor() as cursor:
-            cursor.execute(_RELEASE_DEPENDENTS_SQL, [now, now, step.id])
-            for key, status, role in sorted(cursor.fetchall()):
-                if status == StepStatus.READY:
-                    released.append(key)
-                    released_roles.append(role)
-        _add(moves, StepStatus.COMPLETED, 1)
-        _add(moves, StepStatus.PENDING, -len(released))
-        _add(moves, StepStatus.READY, len(released))
-        notify.notify_ready(released_roles)
+        snapshot, released, lock_rows = _complete_in_db(step=step, attempt=attempt, outcome=outcome, now=now,
+                                                        from_status=from_status)
         kind = "step.completed"
     else:
+        moves: dict[str, int] = {from_status: -1}
         _end_attempt(attempt, AttemptOutcome.RETRY if outcome.retryable else AttemptOutcome.FAILED, now)
         new_status, skipped, _ = _requeue_or_fail(
             step=step, now=now, charge=True, error=outcome.error or "Reported failed.", final=not outcome.retryable
@@ -1046,11 +1240,9 @@ def _finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetim
         _add(moves, StepStatus.PENDING, -len(skipped))
         _add(moves, StepStatus.SKIPPED, len(skipped))
         kind = "step.retrying" if new_status == StepStatus.READY else "step.failed"
-    lock_release_for_step(step=step, reason=outcome.status)
-    usage = outcome.usage
-    tokens = usage.prompt_tokens + usage.completion_tokens
-    snapshot = _workflow_move(step.workflow_id, moves, events=1 + bool(released) + bool(skipped),
-                              spent_usd=usage.cost_usd, spent_tokens=tokens)
+        lock_release_for_step(step=step, reason=outcome.status)
+        snapshot = _workflow_move(step.workflow_id, moves, events=1 + bool(skipped), spent_usd=usage.cost_usd,
+                                  spent_tokens=usage.prompt_tokens + usage.completion_tokens)
     seqs = snapshot.seqs()
     data = {**actor, "attempt": attempt.number, "status": step.status}
     if outcome.error:
@@ -1062,35 +1254,66 @@ def _finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetim
         events.append(_event(seqs, "steps.released", workflow_id=step.workflow_id, data={"steps": released, "by": step.key}))
     if skipped:
         events.append(_event(seqs, "steps.skipped", workflow_id=step.workflow_id, data={"steps": skipped, "after": step.key}))
-    event_record_many(events)
-    workflow_status = _settle_workflow(snapshot)
+    # What the workflow becomes is known now; the writes that make it so follow the step's own events.
+    workflow_status = _settled_status(snapshot)
     over_budget = snapshot.budget_exceeded()
-    if over_budget and workflow_status == WorkflowStatus.RUNNING:
-        # Running agents learn it from their next heartbeat (cancel: true).
-        workflow_pause(workflow_id=step.workflow_id, reason=over_budget)
-        workflow_status = WorkflowStatus.PAUSED
+    pause = bool(over_budget) and workflow_status == WorkflowStatus.RUNNING
     response = {
         "step_id": str(step.id),
         "status": step.status,
-        "workflow_status": workflow_status,
+        "workflow_status": WorkflowStatus.PAUSED if pause else workflow_status,
         "released": released,
     }
-    Result.objects.create(
-        attempt=attempt,
-        step=step,
-        status=outcome.status,
-        final_result=outcome.final_result,
-        outputs=outcome.outputs,
-        error=outcome.error,
-        retryable=outcome.retryable,
-        model=usage.model,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cost_usd=usage.cost_usd,
-        execution_time_s=outcome.execution_time_s,
-        response=response,
-    )
+    _insert_events_and_result(events, step=step, attempt=attempt, outcome=outcome, response=response, now=now)
+    if lock_rows:
+        _record_locks_released(lock_rows, workflow_id=step.workflow_id, step_id=step.id, reason=outcome.status)
+    _settle_workflow(snapshot)
+    if pause:
+        # Running agents learn it from their next heartbeat (cancel: true).
+        workflow_pause(workflow_id=step.workflow_id, reason=over_budget)
     return response
+
+
+_EVENTS_AND_RESULT_SQL = """
+WITH result AS (
+    INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error, retryable, model,
+                                     prompt_tokens, completion_tokens, cost_usd, execution_time_s, response, created_at)
+    VALUES (%(id)s, %(attempt)s, %(step)s, %(status)s, %(final_result)s, %(outputs)s::jsonb, %(error)s, %(retryable)s,
+            %(model)s, %(prompt_tokens)s, %(completion_tokens)s, %(cost_usd)s, %(execution_time_s)s,
+            %(response)s::jsonb, %(now)s)
+    RETURNING id
+)
+INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+SELECT %(workflow)s, u.seq, u.kind, u.step_id, u.agent_id, u.data, %(now)s
+FROM unnest(%(seqs)s::bigint[], %(kinds)s::text[], %(step_ids)s::uuid[], %(agent_ids)s::uuid[], %(datas)s::jsonb[])
+     AS u(seq, kind, step_id, agent_id, data), result
+ORDER BY u.seq
+RETURNING id, seq
+"""
+
+
+def _insert_events_and_result(events: list[Event], *, step: Step, attempt: Attempt, outcome: Outcome,
+                              response: dict[str, Any], now: datetime) -> None:
+    """Store a finished step's events and its `Result` (the answer a repeated report gets) in one statement."""
+    usage = outcome.usage
+    with connection.cursor() as cursor:
+        cursor.execute(_EVENTS_AND_RESULT_SQL, {
+            "id": uuid4(), "attempt": attempt.id, "step": step.id, "status": outcome.status,
+            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs), "error": outcome.error,
+            "retryable": outcome.retryable, "model": usage.model, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd,
+            "execution_time_s": outcome.execution_time_s, "response": json.dumps(response), "now": now,
+            "workflow": step.workflow_id, "seqs": [event.seq for event in events],
+            "kinds": [event.kind for event in events], "step_ids": [event.step_id for event in events],
+            "agent_ids": [event.agent_id for event in events],
+            "datas": [json.dumps(event.data) for event in events],
+        })
+        ids = dict((seq, event_id) for event_id, seq in cursor.fetchall())
+    for event in events:
+        event.id = ids[event.seq]
+        event.at = now
+        event._state.adding = False
+        event_published(event)
 
 
 @transaction.atomic
@@ -1701,6 +1924,17 @@ def lock_release_for_steps(*, step_ids: list[UUID], reason: str) -> int:
         event_record(kind="locks.released", workflow_id=workflow_id, step_id=step_id, agent_id=agent_id,
                      data={"reason": reason, "locks": locks})
     return len(rows)
+
+
+def _record_locks_released(rows: list, *, workflow_id: UUID, step_id: UUID, reason: str) -> None:
+    """Wake lock waiters and record `locks.released` for rows (project, agent, path, mode, fencing) of one step."""
+    notify.notify_locks({row[0] for row in rows})
+    by_agent: dict[Any, list] = {}
+    for _project_id, agent_id, path, mode, fencing in rows:
+        by_agent.setdefault(agent_id, []).append({"path": path, "mode": mode, "fencing": fencing})
+    for agent_id, locks in by_agent.items():
+        event_record(kind="locks.released", workflow_id=workflow_id, step_id=step_id, agent_id=agent_id,
+                     data={"reason": reason, "locks": locks})
 
 
 def locks_sweep() -> int:

@@ -7,10 +7,11 @@ tokens, so views can tell the two kinds of caller apart.
 
 import hmac
 
+from django.db import connection
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
-from coordination import services
+from coordination import rows, services
 from coordination.models import Agent, UserToken
 
 
@@ -34,6 +35,17 @@ class AgentUser:
         return self.get_username()
 
 
+_AGENT_BY_TOKEN_SQL = f"SELECT {rows.select_list(Agent, 'a')} FROM coordination_agent a WHERE a.token_hash = %s"
+
+
+def _agent_by_token_hash(hashed: str) -> Agent | None:
+    """The agent with this token hash (every agent request asks: plain SQL, no query compilation)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_AGENT_BY_TOKEN_SQL, [hashed])
+        row = cursor.fetchone()
+    return rows.from_row(Agent, row) if row is not None else None
+
+
 class BearerTokenAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
 
@@ -50,7 +62,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         except UnicodeDecodeError:
             raise exceptions.AuthenticationFailed("The token contains characters a token never has.") from None
         hashed = services.token_hash(token)
-        agent = Agent.objects.filter(token_hash=hashed).first()
+        agent = _agent_by_token_hash(hashed)
         if agent is not None and hmac.compare_digest(agent.token_hash, hashed):
             if not agent.enabled:
                 raise exceptions.AuthenticationFailed(f"Agent {agent.name!r} is disabled; ask an administrator to enable it.")

@@ -1,3 +1,4 @@
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -133,7 +134,8 @@ class PullTests:
         )
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE coordination_step")
-            cursor.execute("EXPLAIN " + services._CLAIM_SQL, [["developer"], now, []])
+            cursor.execute("EXPLAIN " + services._CLAIM_SQL, {"agent": uuid.uuid4(), "capacity": 1,
+                                                               "role": "developer", "now": now, "passed_over": []})
             plan = "\n".join(row[0] for row in cursor.fetchall())
         assert "step_ready_queue" in plan, plan
         Workflow.objects.filter(id=workflow.id).update()
