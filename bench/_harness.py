@@ -98,13 +98,19 @@ SERVERS = {
 
 
 @contextmanager
-def server(kind: str):
-    """Start a web server on the bench database; yield (base URL, process)."""
+def server(kind: str, *, bare: bool = False):
+    """Start a web server on the bench database; yield (base URL, process).
+
+    `bare=True` serves bench/bare_urls.py (the ceiling views) instead of AgentManager's URLs.
+    """
     import httpx
 
     port = free_port()
     command, server_env = SERVERS[kind]
     env = {**os.environ, "AM_LOG_LEVEL": "WARNING", **server_env}
+    if bare:
+        env["DJANGO_SETTINGS_MODULE"] = "bare_settings"
+        env["PYTHONPATH"] = os.pathsep.join([str(BASE_DIR / "bench"), str(BASE_DIR)])
     process = subprocess.Popen(command(port), cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -2,12 +2,14 @@
 
 Side by side on the same PostgreSQL, at 1, 8 and 32 concurrent clients:
 - the HTTP API (GET /v1/tasks/{role}/ready, then POST /v1/report_result), under
-  daphne and under gunicorn with uvicorn workers;
+  daphne, gunicorn with uvicorn workers (ASGI) and gunicorn with threads (WSGI);
+- the web stack's ceiling on each server: one-statement DRF views with no auth
+  (bench/bare_urls.py), with AgentManager's settings and middleware;
 - the raw-SQL floor: the same claim (FOR UPDATE SKIP LOCKED) and completion,
   done directly with psycopg on a table of the same shape (coordination_step);
 - procrastinate, a PostgreSQL job queue, deferring and running empty jobs.
 
-    python bench/dispatch.py [--seconds 6] [--servers daphne,gunicorn-uvicorn]
+    python bench/dispatch.py [--seconds 6] [--clients 1,8,32] [--servers daphne,gunicorn-uvicorn,gunicorn-gthread]
 """
 
 from __future__ import annotations
@@ -67,6 +69,52 @@ def http_round_trips(url: str, tokens: list[str], clients: int, seconds: float) 
     if errors:
         raise RuntimeError(f"HTTP clients failed: {errors[:3]}")
     return sum(done) / elapsed, sum(done)
+
+
+def bare_setup(params: dict, rows: int) -> None:
+    import psycopg
+
+    with psycopg.connect(dbname="am_bench", autocommit=True, **params) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_bare_step")
+        conn.execute("CREATE TABLE bench_bare_step (id bigserial PRIMARY KEY, status text NOT NULL, "
+                     "attempt int NOT NULL DEFAULT 0)")
+        conn.execute("CREATE INDEX bench_bare_ready ON bench_bare_step (id) WHERE status = 'ready'")
+        conn.execute("INSERT INTO bench_bare_step (status) SELECT 'ready' FROM generate_series(1, %s)", [rows])
+        conn.execute("ANALYZE bench_bare_step")
+
+
+def bare_round_trips(url: str, clients: int, seconds: float) -> tuple[float, int]:
+    """The web stack's ceiling: the same client loop against one-statement views with no auth."""
+    import httpx
+
+    done = [0] * clients
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not stop.is_set():
+                claimed = http.get("/bare/claim")
+                if claimed.status_code != 200:
+                    errors.append(f"claim {claimed.status_code}")
+                    return
+                completed = http.post("/bare/complete", json={"id": claimed.json()["id"]})
+                if completed.status_code != 200:
+                    errors.append(f"complete {completed.status_code}")
+                    return
+                done[index] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"bare clients failed: {errors[:3]}")
+    return sum(done) / (time.monotonic() - started), sum(done)
 
 
 RAW_TABLE = "bench_raw_step"
@@ -180,7 +228,8 @@ def main() -> None:
     seed_steps(expected)
     tokens = [services.agent_create(name=f"bench-{i}", roles=["bench"])[1] for i in range(max(CONCURRENCY))]
 
-    results: dict = {"http": {}, "raw_sql": {}, "procrastinate": {}}
+    results: dict = {"http": {}, "bare": {}, "raw_sql": {}, "procrastinate": {}}
+    bare_setup(params, expected)
     for kind in servers:
         with server(kind) as (base, _process):
             http_round_trips(base, tokens, 2, 1.0)  # warm up connections and code paths
@@ -188,6 +237,12 @@ def main() -> None:
                 rate, count = http_round_trips(base, tokens, clients, args.seconds)
                 results["http"].setdefault(kind, {})[clients] = round(rate, 1)
                 say(f"{kind} x{clients}: {rate:.0f} round trips/s ({count})")
+        with server(kind, bare=True) as (base, _process):
+            bare_round_trips(base, 2, 1.0)
+            for clients in CONCURRENCY:
+                rate, count = bare_round_trips(base, clients, args.seconds)
+                results["bare"].setdefault(kind, {})[clients] = round(rate, 1)
+                say(f"{kind} bare views x{clients}: {rate:.0f} round trips/s ({count})")
 
     raw_setup(params, int(6000 * args.seconds * len(CONCURRENCY)) + 10000)
     for clients in CONCURRENCY:
@@ -211,13 +266,14 @@ def main() -> None:
         row = [clients, floor]
         for kind in servers:
             rate = results["http"][kind][clients]
-            row += [rate, f"{rate / floor:.3f}"]
+            bare = results["bare"][kind][clients]
+            row += [rate, f"{rate / floor:.3f}", bare, f"{rate / bare:.2f}"]
         proc = results["procrastinate"].get(clients) if isinstance(results["procrastinate"], dict) else None
         row.append(proc["defer_and_run"] if isinstance(proc, dict) else "n/a")
         rows.append(row)
     header = ["clients", "raw SQL/s"]
     for kind in servers:
-        header += [f"{kind}/s", "ratio"]
+        header += [f"{kind}/s", "/raw", "bare/s", "/bare"]
     header.append("procrastinate/s")
     table("Dispatch: pull + report round trips per second", header, rows)
     best = max(servers, key=lambda kind: results["http"][kind][8])
@@ -228,6 +284,7 @@ def main() -> None:
         "ratio_to_raw_sql_at_8": round(ratio8, 3),
         "target_ratio": 0.25,
         "meets_ratio_target": ratio8 >= 0.25,
+        "ratio_to_bare_views_at_8": round(results["http"][best][8] / results["bare"][best][8], 3),
         "faster_than_procrastinate_at_8": bool(isinstance(proc8, dict) and results["http"][best][8] > proc8["defer_and_run"]),
     }
     emit({"benchmark": "dispatch", "seconds": args.seconds, **results})
