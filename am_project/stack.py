@@ -3,8 +3,10 @@
 1. PostgreSQL and Redis: DATABASE_URL / REDIS_URL when set, else the embedded
    ones under var/ (started here, or attached to when already running).
 2. Migrate, make sure an admin user exists.
-3. Start daphne (HTTP and WebSocket), a Celery worker and Celery beat, with the
-   service URLs in their environment so they all use the same servers.
+3. Start daphne (dashboard, WebSockets, and the API too) on PORT, gunicorn
+   with threads (the worker API, about twice daphne's throughput) on
+   AM_API_PORT, a Celery worker and Celery beat, with the service URLs in
+   their environment so they all use the same servers.
 4. Wait for /healthz, print the URLs; with AM_DEMO on, start the demo.
 5. On Ctrl-C (SIGINT) or SIGTERM, stop every process started here, and the
    embedded servers if this run started them.
@@ -137,12 +139,28 @@ class Stack:
         _say("Stopped.")
 
 
+def api_server_command(host: str, port: int) -> list[str]:
+    """gunicorn with threads for the worker API: no event loop in the request path.
+
+    A long-polling pull holds a thread while it waits (and no database
+    connection), so workers x threads bounds the agents that can wait at once.
+    """
+    workers = env_int("AM_API_WORKERS", os.cpu_count() or 2, minimum=1)
+    threads = env_int("AM_API_THREADS", 100, minimum=1)
+    return [sys.executable, "-m", "gunicorn", "am_project.wsgi:application", "-k", "gthread",
+            "-w", str(workers), "--threads", str(threads), "-b", f"{host}:{port}",
+            "--graceful-timeout", "10", "--log-level", "warning"]
+
+
 def main() -> int:
     host = env_str("HOST", "127.0.0.1")
     port = env_int("PORT", 8000, minimum=1, maximum=65535)
+    api_port = env_int("AM_API_PORT", port + 1, minimum=1, maximum=65535)
     demo = env_bool("AM_DEMO", True)
     env = dict(os.environ)
     env.setdefault("DJANGO_SETTINGS_MODULE", "am_project.settings")
+    # Each server process keeps a pool of connections instead of opening one per request.
+    env.setdefault("AM_DB_POOL", "1")
     if demo and not env.get("AM_LLM"):
         # The demo plans goals and audits offline; set AM_LLM=openai (and AM_LLM_*) for a real model.
         env["AM_LLM"] = "scripted"
@@ -161,6 +179,7 @@ def main() -> int:
         stack.manage(env, "ensure_admin")
         python = sys.executable
         stack.spawn("daphne", [python, "-m", "daphne", "-b", host, "-p", str(port), "am_project.asgi:application"], env)
+        stack.spawn("api server", api_server_command(host, api_port), env)
         stack.spawn(
             "celery worker",
             [python, "-m", "celery", "-A", "am_project", "worker", "-l", "info", "--concurrency", "2", "-n", "am@%h"],
@@ -170,15 +189,17 @@ def main() -> int:
         stack.spawn("celery beat", [python, "-m", "celery", "-A", "am_project", "beat", "-l", "info", "-s", str(schedule)], env)
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base_url = f"http://{shown_host}:{port}"
-        if not stack.wait_healthy(f"{base_url}/healthz"):
+        api_url = f"http://{shown_host}:{api_port}"
+        if not (stack.wait_healthy(f"{base_url}/healthz") and stack.wait_healthy(f"{api_url}/healthz")):
             stack.stop()
             return 1
         if demo:
-            stack.start_demo_agents(env, base_url)
+            stack.start_demo_agents(env, api_url)
         _say("AgentManager is up:")
         _say(f"  dashboard  {base_url}/")
         _say(f"  admin      {base_url}/admin/")
         _say(f"  API docs   {base_url}/v1/docs")
+        _say(f"  agents     {api_url}  (the worker API's own server; {base_url} serves it too)")
         _say(f"  health     {base_url}/healthz")
         _say("Press Ctrl-C to stop.")
         reported: set[str] = set()
