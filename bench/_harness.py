@@ -81,6 +81,12 @@ def _workers() -> str:
     return os.environ.get("AM_WEB_WORKERS", "3")
 
 
+def _api_server(port: int) -> list[str]:
+    from am_project.stack import api_server_command
+
+    return api_server_command("127.0.0.1", port)
+
+
 SERVERS = {
     # daphne: one process, every request on the event loop, sync views in threads; a pool per process.
     "daphne": (lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
@@ -89,11 +95,8 @@ SERVERS = {
     "gunicorn-uvicorn": (lambda port: [sys.executable, "-m", "gunicorn", "am_project.asgi:application",
                                        "-k", "uvicorn_worker.UvicornWorker", "-w", _workers(),
                                        "-b", f"127.0.0.1:{port}", "--log-level", "warning"], {"AM_DB_POOL": "1"}),
-    # gunicorn with threads (WSGI): no event loop in the request path; a persistent connection per thread.
-    "gunicorn-gthread": (lambda port: [sys.executable, "-m", "gunicorn", "am_project.wsgi:application",
-                                       "-k", "gthread", "-w", _workers(), "--threads", "16",
-                                       "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
-                         {"AM_DB_CONN_MAX_AGE": "300"}),
+    # gunicorn with threads (WSGI), as `make run` starts it for the worker API (am_project/stack.py).
+    "gunicorn-gthread": (lambda port: _api_server(port), {"AM_DB_POOL": "1"}),
 }
 
 

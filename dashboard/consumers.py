@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import OrderedDict
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils.html import escape
 
 from coordination.events import OVERVIEW_GROUP, workflow_group
 from coordination.models import Step
 from dashboard import live
+
+
+# Partials are rendered once per event for every page showing the same thing to the same
+# kind of viewer (staff or not), and shared by the sockets of this process; each socket then
+# puts its own session's CSRF token in place of this marker.
+CSRF_MARKER = "am-csrf-token-marker"
+_SHARED_RENDERS_MAX = 256
+_shared_renders: OrderedDict[tuple, asyncio.Future] = OrderedDict()
 
 
 class _PageConsumer(AsyncWebsocketConsumer):
@@ -47,11 +58,34 @@ class _PageConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=html)
 
     async def am_event(self, message):
-        html = await database_sync_to_async(self.render)(message["event"])
+        html = await self._shared_render(message["event"])
         if html:
-            await self.send(text_data=html)
+            await self.send(text_data=html.replace(CSRF_MARKER, escape(self.viewer["csrf_token"])))
 
-    def render(self, event: dict) -> str:
+    async def _shared_render(self, event: dict) -> str:
+        user = self.viewer["user"]
+        key = (type(self).__name__, self.render_target(), event["id"], bool(user.is_staff))
+        future = _shared_renders.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            _shared_renders[key] = future
+            while len(_shared_renders) > _SHARED_RENDERS_MAX:
+                _shared_renders.popitem(last=False)
+            try:
+                html = await database_sync_to_async(self.render)(event, {"user": user, "csrf_token": CSRF_MARKER})
+            except BaseException as exc:
+                _shared_renders.pop(key, None)
+                future.set_exception(exc)
+                future.exception()  # retrieved here: the sockets sharing it see it raised
+                raise
+            future.set_result(html)
+        return await asyncio.shield(future)
+
+    def render_target(self):
+        """What this page shows (with the event, the key of a shared render)."""
+        return None
+
+    def render(self, event: dict, viewer: dict) -> str:
         raise NotImplementedError
 
     def refresh(self, after: int) -> str:
@@ -61,8 +95,8 @@ class _PageConsumer(AsyncWebsocketConsumer):
 class OverviewConsumer(_PageConsumer):
     group = OVERVIEW_GROUP
 
-    def render(self, event):
-        return live.overview(event["id"], self.viewer)
+    def render(self, event, viewer):
+        return live.overview(event["id"], viewer)
 
     def refresh(self, after):
         return live.overview_refresh(self.viewer)
@@ -76,8 +110,11 @@ class WorkflowConsumer(_PageConsumer):
 
         return Workflow.objects.filter(id=self.workflow_id).exists()
 
-    def render(self, event):
-        return live.workflow(self.workflow_id, event["id"], self.viewer)
+    def render_target(self):
+        return str(self.workflow_id)
+
+    def render(self, event, viewer):
+        return live.workflow(self.workflow_id, event["id"], viewer)
 
     def refresh(self, after):
         return live.workflow_refresh(self.workflow_id, after, self.viewer)
@@ -92,8 +129,11 @@ class StepConsumer(_PageConsumer):
         self.group = workflow_group(workflow_id)
         return True
 
-    def render(self, event):
-        return live.step(self.step_id, event["id"], self.viewer)
+    def render_target(self):
+        return str(self.step_id)
+
+    def render(self, event, viewer):
+        return live.step(self.step_id, event["id"], viewer)
 
     def refresh(self, after):
         return live.step_refresh(self.step_id, self.viewer)

@@ -117,3 +117,43 @@ class ConsumerTests:
             return connected
 
         assert async_to_sync(scenario)() is False
+
+
+class SharedRenderTests:
+    def test_sockets_on_one_page_share_one_render_and_each_gets_its_own_csrf_token(self, owner, developer,
+                                                                                    monkeypatch):
+        from django.contrib.auth import get_user_model
+
+        from dashboard import consumers, live
+
+        other = get_user_model().objects.create_user("second-viewer", password="x")  # not staff, as owner
+        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Shared"))
+        body = developer.client().get("/v1/tasks/developer/ready").json()
+        step_id = body["step"]["id"]
+        headers = [_session_headers(owner), _session_headers(other)]
+        tokens = [dict(part.split("=", 1) for part in dict(h)[b"cookie"].decode().split("; "))["csrftoken"]
+                  for h in headers]
+        assert tokens[0] != tokens[1]
+        renders = []
+        real = live.workflow
+        monkeypatch.setattr(live, "workflow", lambda *args: renders.append(args[1]) or real(*args))
+
+        async def scenario():
+            sockets = [WebsocketCommunicator(application, f"/ws/workflows/{workflow.id}/", headers=h) for h in headers]
+            for socket in sockets:
+                assert (await socket.connect())[0]
+            report = await sync_to_async(developer.client().post)(
+                "/v1/report_result", {"step_id": step_id, "lease_token": body["lease"]["token"],
+                                      "status": "completed"}, format="json")
+            assert report.status_code == 200
+            frames = [await _receive_until(s, f'id="step-{step_id}" data-status="completed"') for s in sockets]
+            for socket in sockets:
+                await socket.disconnect()
+            return frames
+
+        frames = async_to_sync(scenario)()
+        completed_event = services.Event.objects.get(workflow=workflow, kind="step.completed")
+        assert renders.count(completed_event.id) == 1  # one render for both sockets
+        for frame, token, foreign in zip(frames, tokens, reversed(tokens)):
+            assert f'name="csrfmiddlewaretoken" value="{token}"' in frame
+            assert foreign not in frame and consumers.CSRF_MARKER not in frame

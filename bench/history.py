@@ -1,0 +1,160 @@
+"""Pull under a large history: pull latency with 32 concurrent pullers, with and without a million finished steps.
+
+Side by side on the same server (the worker API as `make run` serves it) and
+database: first with only the ready queue, then after adding `--history`
+finished steps to the step table. Each puller pulls (timed), reports, and
+waits a random think time (`--think-ms`, mean) before pulling again, as
+agents do between steps; the load stays below saturation, so the figures
+show what the pull costs rather than the queue in front of a busy CPU.
+
+    python bench/history.py [--history 1000000] [--pullers 32] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+
+from _harness import emit, fresh_database, percentile, say, server, table
+
+
+def seed_ready(count: int) -> None:
+    from coordination import services
+
+    for offset in range(0, count, 5000):
+        n = min(5000, count - offset)
+        services.workflow_create(spec=services.WorkflowSpec(
+            name=f"queue {offset}",
+            steps=tuple(services.StepSpec(key=f"s{i}", name="x", role="bench") for i in range(n)),
+        ))
+
+
+def add_history(params: dict, rows: int) -> float:
+    """Add `rows` completed steps (with their attempts) to one finished workflow; return the seconds it took."""
+    import psycopg
+
+    started = time.monotonic()
+    with psycopg.connect(dbname="am_bench", **params) as conn:
+        project_id = conn.execute("SELECT id FROM coordination_project WHERE name = 'default'").fetchone()[0]
+        workflow_id = conn.execute(
+            """INSERT INTO coordination_workflow (id, project_id, name, goal, status, paused_reason, failure_reason,
+                   priority, max_attempts, max_rework_rounds, rework_round, spent_usd, spent_tokens, metadata, synthesis,
+                   total_steps, n_pending, n_ready, n_in_progress, n_completed, n_failed, n_cancelled, n_skipped,
+                   event_seq, created_at, updated_at, finished_at)
+               VALUES (gen_random_uuid(), %s, 'history', '', 'completed', '', '', 0, 3, 1, 0, 0, 0, '{}', '',
+                       %s, 0, 0, 0, %s, 0, 0, 0, 0, now(), now(), now())
+               RETURNING id""",
+            [project_id, rows, rows],
+        ).fetchone()[0]
+        done = 0
+        batch = 100_000
+        while done < rows:
+            n = min(batch, rows - done)
+            conn.execute(
+                """INSERT INTO coordination_step (id, workflow_id, key, name, description, role, status, priority,
+                       workflow_priority, attempt, max_attempts, lease_ttl_s, remaining_deps, files, extra_inputs,
+                       final_result, outputs, error, available_at, lease_token_hash, attempts_released,
+                       created_at, updated_at, started_at, finished_at)
+                   SELECT gen_random_uuid(), %s, 'h' || g, 'x', '', 'bench', 'completed', 0, 0, 1, 3, 120, 0, '[]',
+                          '{}', 'done', '{}', '', now(), '', 0, now(), now(), now(), now()
+                   FROM generate_series(%s, %s) g""",
+                [workflow_id, done + 1, done + n],
+            )
+            conn.commit()
+            done += n
+            say(f"history: {done:,} of {rows:,} finished steps")
+        conn.execute("ANALYZE coordination_step")
+        conn.commit()
+    return time.monotonic() - started
+
+
+def measure(url: str, tokens: list[str], seconds: float, think_ms: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def puller(token: str) -> None:
+        rng = random.Random(token)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+            while not stop.is_set():
+                started = time.perf_counter()
+                pulled = http.get("/v1/tasks/bench/ready")
+                elapsed = time.perf_counter() - started
+                if pulled.status_code != 200:
+                    errors.append(f"pull {pulled.status_code}")
+                    return
+                with lock:
+                    latencies.append(elapsed)
+                body = pulled.json()
+                reported = http.post("/v1/report_result", json={
+                    "step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed"})
+                if reported.status_code != 200:
+                    errors.append(f"report {reported.status_code}")
+                    return
+                time.sleep(rng.expovariate(1000 / think_ms) if think_ms else 0)
+
+    threads = [threading.Thread(target=puller, args=(token,)) for token in tokens]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"pullers failed: {errors[:3]}")
+    return {
+        "pulls": len(latencies),
+        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "pulls_per_s": round(len(latencies) / seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--history", type=int, default=1_000_000)
+    parser.add_argument("--pullers", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--think-ms", type=float, default=500.0, help="mean pause between a report and the next pull")
+    parser.add_argument("--server", default="gunicorn-gthread")
+    args = parser.parse_args()
+    _url, params = fresh_database()
+
+    from coordination import services
+
+    ready = int(args.pullers * args.seconds * 2 * 1000 / max(args.think_ms, 50)) + 2000
+    say(f"seeding {ready:,} ready steps")
+    seed_ready(ready)
+    tokens = [services.agent_create(name=f"puller-{i}", roles=["bench"])[1] for i in range(args.pullers)]
+    results: dict = {}
+    with server(args.server) as (base, _process):
+        measure(base, tokens[:2], 1.0, 0)  # warm up
+        results["empty_history"] = measure(base, tokens, args.seconds, args.think_ms)
+        say(f"no history: {results['empty_history']}")
+    seconds = add_history(params, args.history)
+    say(f"history added in {seconds:.0f} s")
+    with server(args.server) as (base, _process):
+        measure(base, tokens[:2], 1.0, 0)
+        results["large_history"] = measure(base, tokens, args.seconds, args.think_ms)
+        say(f"{args.history:,} finished steps: {results['large_history']}")
+
+    rows = [[label, f"{r['pulls']:,}", r["pulls_per_s"], r["p50_ms"], r["p99_ms"]]
+            for label, r in (("ready queue only", results["empty_history"]),
+                             (f"+ {args.history:,} finished steps", results["large_history"]))]
+    table(f"Pull latency, {args.pullers} pullers ({args.server}, think time {args.think_ms:.0f} ms)",
+          ["step table", "pulls", "pulls/s", "p50 ms", "p99 ms"], rows)
+    p99 = results["large_history"]["p99_ms"]
+    results["summary"] = {
+        "p99_ms_under_history": p99, "target_p99_ms": 50, "meets_target": p99 < 50,
+        "p99_ratio_history_to_empty": round(p99 / results["empty_history"]["p99_ms"], 2),
+    }
+    emit({"benchmark": "history", "history": args.history, "pullers": args.pullers, "server": args.server, **results})
+
+
+if __name__ == "__main__":
+    main()
