@@ -120,7 +120,7 @@ if env_bool("AM_DB_POOL", False) and _conn_max_age == 0:
     _default_db["OPTIONS"]["pool"] = {
         "min_size": env_int("AM_DB_POOL_MIN", 2, minimum=0),
         "max_size": env_int("AM_DB_POOL_MAX", 20, minimum=1),
-        "timeout": env_float("AM_DB_POOL_TIMEOUT_S", 10.0, minimum=0.1),
+        "timeout": env_float("AM_DB_POOL_TIMEOUT_S", 3.0, minimum=0.1),
     }
 _default_db["TEST"] = {"NAME": env_str("AM_TEST_DATABASE_NAME", "test_am")}
 DATABASES = {"default": _default_db}

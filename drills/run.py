@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import time
 import traceback
 
-from _cluster import BASE_DIR, Cluster, exactly_once_report, free_port, rng, say, wait_until
+from _cluster import Cluster, exactly_once_report, free_port, rng, say, wait_until
 
 DRILLS = {}
 
@@ -189,7 +190,7 @@ def postgres_stopped(cluster: Cluster, steps: int = 8, outage_s: float = 12.0) -
         problems.append(f"the API answered {during.status_code} {during.text[:200]} during the outage")
     if api_seconds > 15:
         problems.append(f"the API took {api_seconds:.1f} s to answer during the outage")
-    if health.status_code != 503 or "database" not in health.json().get("down", []):
+    if health.status_code != 503 or "PostgreSQL" not in health.json().get("down", []):
         problems.append(f"/healthz answered {health.status_code} {health.text[:200]}")
     time.sleep(max(0.0, outage_s - (time.time() - stopped_at)))
     cluster.start_postgres()
@@ -282,11 +283,33 @@ def paused_process(cluster: Cluster) -> dict:
             "release_statuses": release_answers, "fencing": [g["fencing"] for g in grants]}
 
 
+def run_one(name: str, keep: bool) -> dict:
+    started = time.monotonic()
+    cluster = Cluster(name)
+    outcome: dict = {}
+    try:
+        result = DRILLS[name](cluster)
+        outcome = {"passed": True, "seconds": round(time.monotonic() - started), **result}
+        say(f"{name}: PASSED - {result['held']}")
+    except Exception as exc:  # noqa: BLE001 - a failed drill is reported, the others still run
+        traceback.print_exc()
+        outcome = {"passed": False, "seconds": round(time.monotonic() - started),
+                   "error": f"{type(exc).__name__}: {exc}", "logs": str(cluster.logs)}
+        say(f"{name}: FAILED - {exc} (logs: {cluster.logs})")
+    finally:
+        cluster.close(keep=keep or not outcome.get("passed"))
+    return outcome
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated drill names")
     parser.add_argument("--keep", action="store_true", help="keep each drill's directory (logs) afterwards")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one drill in this process (Django set up for it)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.keep), default=str), flush=True)
+        return 0
     names = [n for n in args.only.split(",") if n] or list(DRILLS)
     unknown = [n for n in names if n not in DRILLS]
     if unknown:
@@ -294,25 +317,21 @@ def main() -> int:
     outcomes = {}
     for name in names:
         say(f"{name}: {DRILLS[name].__doc__}")
-        started = time.monotonic()
-        cluster = Cluster(name)
+        # Each drill in a process of its own: Django is set up once per process, on that drill's database.
+        argv = [sys.executable, __file__, "--one", name] + (["--keep"] if args.keep else [])
+        done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+        lines = done.stdout.strip().splitlines()
         try:
-            result = DRILLS[name](cluster)
-            outcomes[name] = {"passed": True, "seconds": round(time.monotonic() - started), **result}
-            say(f"{name}: PASSED - {result['held']}")
-        except Exception as exc:  # noqa: BLE001 - a failed drill is reported, the others still run
-            traceback.print_exc()
-            outcomes[name] = {"passed": False, "seconds": round(time.monotonic() - started),
-                              "error": f"{type(exc).__name__}: {exc}", "logs": str(cluster.logs)}
-            say(f"{name}: FAILED - {exc} (logs: {cluster.logs})")
-        finally:
-            cluster.close(keep=args.keep or not outcomes[name]["passed"])
+            outcomes[name] = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            outcomes[name] = {"passed": False, "error": f"the drill process exited with {done.returncode} "
+                                                        f"and no outcome: {done.stdout[-500:]}"}
     print("\nFailure drills")
     for name, outcome in outcomes.items():
         mark = "PASS" if outcome["passed"] else "FAIL"
         print(f"  {mark}  {name:10} {outcome.get('broken', '')}")
         print(f"        {'':10} {outcome.get('held') or outcome.get('error')}")
-    print(json.dumps({"drills": outcomes, "base_dir": str(BASE_DIR)}, default=str), flush=True)
+    print(json.dumps({"drills": outcomes}, default=str), flush=True)
     return 0 if all(o["passed"] for o in outcomes.values()) else 1
 
 
