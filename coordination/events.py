@@ -91,6 +91,7 @@ class _Publisher:
         self._ready = threading.Event()
         self._loop = None
         self._queue = None
+        self._failing = False
 
     def submit(self, messages: list[tuple[str, dict]]) -> None:
         if not self._ensure_started():
@@ -152,9 +153,16 @@ class _Publisher:
                     continue
                 try:
                     await asyncio.wait_for(layer.group_send(group, message), timeout=2.0)
-                except Exception:  # noqa: BLE001 - a broken broadcast must not stop the publisher
-                    logger.warning("Could not publish to %s; dashboards will catch up from the log.", group,
-                                   exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - a broken broadcast must not stop the publisher
+                    if not self._failing:
+                        # Once per outage, not once per event: the log would drown.
+                        logger.warning("Could not publish to %s (%s: %s); dashboards will catch up from the "
+                                       "event log. Is Redis up?", group, type(exc).__name__, exc)
+                    self._failing = True
+                else:
+                    if self._failing:
+                        logger.warning("Publishing live updates again.")
+                    self._failing = False
 
 
 publisher = _Publisher()

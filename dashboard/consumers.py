@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import OrderedDict
 
 from channels.db import database_sync_to_async
@@ -14,6 +15,8 @@ from coordination.events import OVERVIEW_GROUP, workflow_group
 from coordination.models import Step
 from dashboard import live
 
+logger = logging.getLogger(__name__)
+
 
 # Partials are rendered once per event for every page showing the same thing to the same
 # kind of viewer (staff or not), and shared by the sockets of this process; each socket then
@@ -21,6 +24,59 @@ from dashboard import live
 CSRF_MARKER = "am-csrf-token-marker"
 _SHARED_RENDERS_MAX = 256
 _shared_renders: OrderedDict[tuple, asyncio.Future] = OrderedDict()
+
+
+# Redis carries the events to this process; when it stops answering, pages must not sit
+# silent as if nothing happened. Every PING_S a watch pings it and, on failure, closes
+# every page socket of this process with CLOSE_LAYER_DOWN: pages show "live updates
+# paused", reconnect with backoff, and catch up from the event log once Redis is back.
+PING_S = 2.0
+CLOSE_LAYER_DOWN = 4503
+
+
+async def _ping_layer() -> None:
+    import redis.asyncio as aioredis
+    from django.conf import settings
+
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+class _LayerWatch:
+    """One per event loop (process): the sockets to close when the channel layer's Redis stops answering."""
+
+    def __init__(self) -> None:
+        self.sockets: set[_PageConsumer] = set()
+        self.task: asyncio.Task | None = None
+
+    def add(self, consumer: _PageConsumer) -> None:
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.sockets = set()
+            self.task = loop.create_task(self._run())
+        self.sockets.add(consumer)
+
+    def discard(self, consumer: _PageConsumer) -> None:
+        self.sockets.discard(consumer)
+
+    async def _run(self) -> None:
+        while self.sockets:
+            await asyncio.sleep(PING_S)
+            try:
+                await _ping_layer()
+            except Exception:  # noqa: BLE001 - any failure to reach Redis means no live updates
+                logger.warning("Redis does not answer; closing %d dashboard socket(s) until it does.",
+                               len(self.sockets))
+                for consumer in list(self.sockets):
+                    await consumer.close(code=CLOSE_LAYER_DOWN)
+                self.sockets.clear()
+        self.task = None
+
+
+_watch = _LayerWatch()
 
 
 class _PageConsumer(AsyncWebsocketConsumer):
@@ -36,12 +92,22 @@ class _PageConsumer(AsyncWebsocketConsumer):
             return
         # Forms in pushed partials need the session's CSRF token; Django accepts its unmasked secret.
         self.viewer = {"user": user, "csrf_token": self.scope.get("cookies", {}).get("csrftoken", "")}
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        try:
+            await self.channel_layer.group_add(self.group, self.channel_name)
+        except Exception:  # noqa: BLE001 - Redis is down: refuse, the page retries and says it is paused
+            logger.warning("Cannot subscribe a dashboard socket: Redis does not answer.")
+            await self.close(code=CLOSE_LAYER_DOWN)
+            return
         await self.accept()
+        _watch.add(self)
 
     async def disconnect(self, code):
+        _watch.discard(self)
         if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            try:
+                await self.channel_layer.group_discard(self.group, self.channel_name)
+            except Exception:  # noqa: BLE001 - Redis is down; the subscription went with it
+                pass
 
     def resolve(self) -> bool:
         return True

@@ -55,12 +55,16 @@ class Cluster:
             "AM_LOG_LEVEL": "WARNING",
             "AM_DB_POOL": "1",
             "AM_SWEEP_INTERVAL_S": "1",
+            # Short retry backoff: a step whose agents keep getting killed comes back within seconds.
+            "AM_RETRY_BACKOFF_BASE_S": "0.5",
+            "AM_RETRY_BACKOFF_MAX_S": "5",
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
         subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=BASE_DIR, env=self.env, check=True)
         os.environ["DATABASE_URL"] = self.pg.url
         os.environ["REDIS_URL"] = self.redis_url
+        os.environ["AM_VAR_DIR"] = str(self.dir)  # the same SECRET_KEY as the servers (sessions, lease tokens)
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "am_project.settings")
         import django
 
@@ -129,6 +133,18 @@ class Cluster:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
+    def dashboard_socket(self, daphne_url: str, path: str) -> "Socket":
+        """A logged-in dashboard page's WebSocket (a staff user's session made here)."""
+        from django.contrib.auth import get_user_model
+        from django.test import Client
+
+        user = get_user_model().objects.filter(username="drill-watcher").first() or \
+            get_user_model().objects.create_user("drill-watcher", password="x", is_staff=True)
+        client = Client(HTTP_HOST="127.0.0.1")
+        client.force_login(user)
+        cookie = f"sessionid={client.cookies['sessionid'].value}; csrftoken=drillcsrftoken0123456789"
+        return Socket(daphne_url, path, cookie)
+
     # --- services ----------------------------------------------------------
 
     def stop_postgres(self) -> None:
@@ -168,6 +184,65 @@ class Cluster:
         self.embedded.stop_postgres(self.dir)
         if not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Socket:
+    """A dashboard WebSocket that records every frame and its close, and can reconnect as the page does."""
+
+    def __init__(self, base_url: str, path: str, cookie: str) -> None:
+        import threading
+
+        self.url = base_url.replace("http://", "ws://") + path
+        self.origin = base_url
+        self.cookie = cookie
+        self.frames: list[tuple[float, str]] = []
+        self.closes: list[tuple[float, int | None]] = []
+        self.lock = threading.Lock()
+        self.conn = None
+        self.connect()
+
+    def connect(self) -> None:
+        import threading
+
+        from websockets.sync.client import connect
+
+        conn = connect(self.url, origin=self.origin, additional_headers={"Cookie": self.cookie},
+                       open_timeout=10, max_size=None)
+        self.ended = threading.Event()
+        self.conn = conn
+        threading.Thread(target=self._read, args=(conn, self.ended), daemon=True).start()
+
+    def _read(self, conn, ended) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for message in conn:
+                with self.lock:
+                    self.frames.append((time.monotonic(), message))
+        except ConnectionClosed:
+            pass
+        with self.lock:
+            self.closes.append((time.monotonic(), conn.close_code))
+        ended.set()
+
+    def send(self, payload: str) -> None:
+        self.conn.send(payload)
+
+    def text(self) -> str:
+        with self.lock:
+            return "".join(message for _, message in self.frames)
+
+    def closed(self) -> bool:
+        """Whether the current connection has ended (the server closed it)."""
+        return self.ended.is_set()
+
+    def last_close_code(self) -> int | None:
+        with self.lock:
+            return self.closes[-1][1] if self.closes else None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
 
 def exactly_once_report(workflow_id) -> dict:

@@ -157,3 +157,46 @@ class SharedRenderTests:
         for frame, token, foreign in zip(frames, tokens, reversed(tokens)):
             assert f'name="csrfmiddlewaretoken" value="{token}"' in frame
             assert foreign not in frame and consumers.CSRF_MARKER not in frame
+
+
+class LayerDownTests:
+    def test_open_pages_are_closed_with_4503_when_redis_stops_answering(self, owner, monkeypatch):
+        from dashboard import consumers
+
+        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="Watched"))
+        headers = _session_headers(owner)
+        monkeypatch.setattr(consumers, "PING_S", 0.05)
+
+        async def failing_ping():
+            raise ConnectionError("Redis is down")
+
+        async def scenario():
+            communicator = WebsocketCommunicator(application, f"/ws/workflows/{workflow.id}/", headers=headers)
+            assert (await communicator.connect())[0]
+            monkeypatch.setattr(consumers, "_ping_layer", failing_ping)
+            closed = await communicator.receive_output(timeout=5)
+            await communicator.wait()
+            return closed
+
+        closed = async_to_sync(scenario)()
+        assert closed == {"type": "websocket.close", "code": consumers.CLOSE_LAYER_DOWN}
+
+    def test_a_page_is_refused_with_4503_while_redis_is_down(self, owner, monkeypatch):
+        from dashboard import consumers
+
+        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="Refused"))
+        headers = _session_headers(owner)
+
+        async def failing_group_add(self, group, channel):
+            raise ConnectionError("Redis is down")
+
+        async def scenario():
+            communicator = WebsocketCommunicator(application, f"/ws/workflows/{workflow.id}/", headers=headers)
+            connected, code = await communicator.connect()
+            return connected, code
+
+        from channels_redis.pubsub import RedisPubSubLoopLayer
+
+        monkeypatch.setattr(RedisPubSubLoopLayer, "group_add", failing_group_add)
+        connected, code = async_to_sync(scenario)()
+        assert not connected and code == consumers.CLOSE_LAYER_DOWN
