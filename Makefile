@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test bench install services-start services-stop services-status clean
+.PHONY: run test bench drills install services-start services-stop services-status clean
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -27,6 +27,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	@$(PY) bench/dispatch.py
 	@$(PY) bench/scaling.py
+	@$(PY) bench/history.py
+	@$(PY) bench/locks.py
+	@$(PY) bench/live.py
+	@$(PY) bench/footprint.py
+
+# Failure drills: each on private PostgreSQL and Redis it may stop (RELIABILITY.md).
+drills: $(STAMP)
+	@$(PY) drills/run.py $(DRILLS_ARGS)
 
 services-start: $(STAMP)
 	@$(PY) -m am_project.embedded start

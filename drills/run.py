@@ -337,6 +337,57 @@ def redis_stopped(cluster: Cluster, steps: int = 12, outage_s: float = 10.0) -> 
             "completed_during_outage": during - before, **report}
 
 
+@drill("scale_out")
+def scale_out(cluster: Cluster, steps: int = 200) -> dict:
+    """Two API servers, two daphnes and two Celery workers on one PostgreSQL and Redis."""
+    from django.db.models import Count
+
+    from coordination.models import Attempt, Result, Step
+
+    apis = [cluster.api_server(name="api-a"), cluster.api_server(name="api-b")]
+    dashes = [cluster.daphne(name="daphne-a"), cluster.daphne(name="daphne-b")]
+    cluster.celery("celery-a", beat=True)
+    cluster.celery("celery-b", beat=False)
+    workflow = _workflow("scale-out", steps, layer=20, lease_ttl_s=30)
+    sockets = [cluster.dashboard_socket(url, f"/ws/workflows/{workflow.id}/") for url in dashes]
+    agents = _agents(6)
+    for index, (name, token) in enumerate(agents):
+        cluster.agent(name, token, apis[index % 2], concurrency=2, delay_s=0.05)
+    _wait_finished(workflow.id, 300)
+    report = _check_exactly_once(workflow.id, steps)
+    twice = Attempt.objects.filter(step__workflow=workflow).values("step").annotate(n=Count("id")).filter(n__gt=1)
+    by_server = {server: Result.objects.filter(step__workflow=workflow, attempt__agent__name__in=[
+        name for index, (name, _t) in enumerate(agents) if index % 2 == position]).count()
+        for position, server in enumerate(("api-a", "api-b"))}
+    step_ids = list(Step.objects.filter(workflow=workflow).values_list("id", flat=True))
+
+    def every_step_on(socket):
+        text = socket.text()
+        return all(f'id="step-{sid}" data-status="completed"' in text for sid in step_ids)
+
+    shown = {}
+    for name, socket in zip(("daphne-a", "daphne-b"), sockets):
+        try:
+            wait_until(lambda: every_step_on(socket), 30, f"{name}'s page to show every step completed")
+            shown[name] = True
+        except AssertionError:
+            shown[name] = False
+        socket.close()
+    problems = []
+    if twice.exists():
+        problems.append(f"{twice.count()} steps were leased more than once")
+    if min(by_server.values()) == 0:
+        problems.append(f"the work did not spread over both servers: {by_server}")
+    if not all(shown.values()):
+        problems.append(f"a dashboard socket missed events: {shown}")
+    if problems:
+        raise AssertionError("; ".join(problems))
+    return {"broken": "(scaled out) 2 API servers, 2 daphnes, 2 Celery workers; 6 agents, half on each API server",
+            "held": f"results through each server {by_server}; every step leased once and completed once; "
+                    f"a page on each daphne showed all {steps} completions", "results_by_server": by_server,
+            **report}
+
+
 def _try_reconnect(socket) -> str | None:
     try:
         socket.connect()
