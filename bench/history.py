@@ -20,11 +20,11 @@ import time
 from _harness import emit, fresh_database, percentile, say, server, table
 
 
-def seed_ready(count: int) -> None:
+def seed_ready(count: int, per_workflow: int = 5000) -> None:
     from coordination import services
 
-    for offset in range(0, count, 5000):
-        n = min(5000, count - offset)
+    for offset in range(0, count, per_workflow):
+        n = min(per_workflow, count - offset)
         services.workflow_create(spec=services.WorkflowSpec(
             name=f"queue {offset}",
             steps=tuple(services.StepSpec(key=f"s{i}", name="x", role="bench") for i in range(n)),
@@ -70,10 +70,12 @@ def add_history(params: dict, rows: int) -> float:
     return time.monotonic() - started
 
 
-def measure(url: str, tokens: list[str], seconds: float, think_ms: float) -> dict:
+def _pullers(url: str, tokens: list[str], seconds: float, think_ms: float, out) -> None:
+    """One process's pullers (threads); puts (client latencies, server latencies, errors) on `out`."""
     import httpx
 
-    latencies: list[float] = []
+    client_s: list[float] = []
+    server_ms: list[float] = []
     errors: list[str] = []
     stop = threading.Event()
     lock = threading.Lock()
@@ -89,7 +91,8 @@ def measure(url: str, tokens: list[str], seconds: float, think_ms: float) -> dic
                     errors.append(f"pull {pulled.status_code}")
                     return
                 with lock:
-                    latencies.append(elapsed)
+                    client_s.append(elapsed)
+                    server_ms.append(float(pulled.headers["Server-Timing"].partition("dur=")[2]))
                 body = pulled.json()
                 reported = http.post("/v1/report_result", json={
                     "step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed"})
@@ -105,13 +108,38 @@ def measure(url: str, tokens: list[str], seconds: float, think_ms: float) -> dic
     stop.set()
     for thread in threads:
         thread.join()
+    out.put((client_s, server_ms, errors))
+
+
+def measure(url: str, tokens: list[str], seconds: float, think_ms: float, processes: int = 4) -> dict:
+    """Pullers spread over `processes` client processes, so the clients' own GIL does not add to the latency."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    groups = [tokens[i::processes] for i in range(processes) if tokens[i::processes]]
+    workers = [context.Process(target=_pullers, args=(url, group, seconds, think_ms, out)) for group in groups]
+    for worker in workers:
+        worker.start()
+    client_s: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    for _ in workers:
+        c, s, e = out.get(timeout=seconds + 120)
+        client_s += c
+        server_ms += s
+        errors += e
+    for worker in workers:
+        worker.join()
     if errors:
         raise RuntimeError(f"pullers failed: {errors[:3]}")
     return {
-        "pulls": len(latencies),
-        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-        "pulls_per_s": round(len(latencies) / seconds, 1),
+        "pulls": len(client_s),
+        "p50_ms": round(percentile(client_s, 50) * 1000, 1),
+        "p99_ms": round(percentile(client_s, 99) * 1000, 1),
+        "server_p50_ms": round(percentile(server_ms, 50), 1),
+        "server_p99_ms": round(percentile(server_ms, 99), 1),
+        "pulls_per_s": round(len(client_s) / seconds, 1),
     }
 
 
@@ -122,6 +150,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--think-ms", type=float, default=500.0, help="mean pause between a report and the next pull")
     parser.add_argument("--server", default="gunicorn-gthread")
+    parser.add_argument("--per-workflow", type=int, default=5000, help="ready steps per workflow")
     args = parser.parse_args()
     _url, params = fresh_database()
 
@@ -129,28 +158,30 @@ def main() -> None:
 
     ready = int(args.pullers * args.seconds * 2 * 1000 / max(args.think_ms, 50)) + 2000
     say(f"seeding {ready:,} ready steps")
-    seed_ready(ready)
+    seed_ready(ready, args.per_workflow)
     tokens = [services.agent_create(name=f"puller-{i}", roles=["bench"])[1] for i in range(args.pullers)]
     results: dict = {}
     with server(args.server) as (base, _process):
-        measure(base, tokens[:2], 1.0, 0)  # warm up
+        measure(base, tokens[:4], 1.0, 0)  # warm up
         results["empty_history"] = measure(base, tokens, args.seconds, args.think_ms)
         say(f"no history: {results['empty_history']}")
     seconds = add_history(params, args.history)
     say(f"history added in {seconds:.0f} s")
     with server(args.server) as (base, _process):
-        measure(base, tokens[:2], 1.0, 0)
+        measure(base, tokens[:4], 1.0, 0)
         results["large_history"] = measure(base, tokens, args.seconds, args.think_ms)
         say(f"{args.history:,} finished steps: {results['large_history']}")
 
-    rows = [[label, f"{r['pulls']:,}", r["pulls_per_s"], r["p50_ms"], r["p99_ms"]]
+    rows = [[label, f"{r['pulls']:,}", r["pulls_per_s"], r["p50_ms"], r["p99_ms"], r["server_p50_ms"],
+             r["server_p99_ms"]]
             for label, r in (("ready queue only", results["empty_history"]),
                              (f"+ {args.history:,} finished steps", results["large_history"]))]
     table(f"Pull latency, {args.pullers} pullers ({args.server}, think time {args.think_ms:.0f} ms)",
-          ["step table", "pulls", "pulls/s", "p50 ms", "p99 ms"], rows)
+          ["step table", "pulls", "pulls/s", "p50 ms", "p99 ms", "server p50 ms", "server p99 ms"], rows)
     p99 = results["large_history"]["p99_ms"]
     results["summary"] = {
-        "p99_ms_under_history": p99, "target_p99_ms": 50, "meets_target": p99 < 50,
+        "p99_ms_under_history": p99, "server_p99_ms_under_history": results["large_history"]["server_p99_ms"],
+        "target_p99_ms": 50, "meets_target": p99 < 50,
         "p99_ratio_history_to_empty": round(p99 / results["empty_history"]["p99_ms"], 2),
     }
     emit({"benchmark": "history", "history": args.history, "pullers": args.pullers, "server": args.server, **results})

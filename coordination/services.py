@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 from collections import deque
@@ -64,6 +65,7 @@ from coordination.models import (
 )
 from coordination.paths import normalise_path, paths_overlap
 
+logger = logging.getLogger(__name__)
 _ROLE_RE = re.compile(ROLE_PATTERN)
 _KEY_RE = re.compile(KEY_PATTERN)
 _PROJECT_RE = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
@@ -1159,11 +1161,43 @@ WITH attempt AS (
     WHERE w.id = %(workflow)s
     RETURNING w.event_seq, w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens,
               {counter_columns}, ready.keys, ready.roles, ready.n
+), settled AS (
+    -- `_settled_status`, then the budget pause of `_finish_step`, for the stored answer
+    SELECT CASE
+        WHEN w.status NOT IN ('running', 'paused') THEN w.status
+        WHEN w.n_completed = w.total_steps AND w.total_steps > 0 THEN 'completed'
+        WHEN w.n_ready = 0 AND w.n_in_progress = 0 THEN 'failed'
+        WHEN w.status = 'running' AND ((w.budget_usd IS NOT NULL AND w.spent_usd >= w.budget_usd)
+                                       OR (w.budget_tokens IS NOT NULL AND w.spent_tokens >= w.budget_tokens))
+            THEN 'paused'
+        ELSE w.status END AS status
+    FROM workflow w
+), events AS (
+    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+    SELECT %(workflow)s, w.event_seq - (w.n > 0)::int, 'step.completed', %(step)s, %(agent)s::uuid,
+           %(data)s::jsonb, %(now)s
+    FROM workflow w
+    UNION ALL
+    SELECT %(workflow)s, w.event_seq, 'steps.released', NULL, NULL,
+           jsonb_build_object('steps', to_jsonb(w.keys), 'by', %(key)s::text), %(now)s
+    FROM workflow w WHERE w.n > 0
+    RETURNING id, seq
+), result AS (
+    INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error, retryable, model,
+                                     prompt_tokens, completion_tokens, cost_usd, execution_time_s, response, created_at)
+    SELECT %(result)s, %(attempt)s, %(step)s, 'completed', %(final_result)s, %(outputs)s::jsonb, '', false, %(model)s,
+           %(prompt_tokens)s, %(completion_tokens)s, %(usd)s, %(execution_time_s)s,
+           jsonb_build_object('step_id', %(step)s::text, 'status', 'completed', 'workflow_status', settled.status,
+                              'released', to_jsonb(w.keys)),
+           %(now)s
+    FROM workflow w, settled
+    RETURNING id
 )
-SELECT workflow.*,
+SELECT workflow.*, settled.status,
        (SELECT count(pg_notify('{ready_channel}', r)) FROM unnest(workflow.roles) AS r),
-       (SELECT coalesce(json_agg(json_build_array(project_id, agent_id, path, mode, fencing)), '[]') FROM locks)
-FROM workflow, attempt, step
+       (SELECT coalesce(json_agg(json_build_array(project_id, agent_id, path, mode, fencing)), '[]') FROM locks),
+       (SELECT json_agg(json_build_array(id, seq)) FROM events)
+FROM workflow, settled, attempt, step, result
 """
 
 
@@ -1183,25 +1217,33 @@ _COMPLETE_SQL_BY_STATUS = {status: _complete_sql(status) for status in (StepStat
 
 
 def _complete_in_db(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
-                    ) -> tuple[WorkflowSnapshot, list[str], list]:
-    """Complete a step in one statement: its attempt and row, the dependents it releases (with their NOTIFY),
-    its locks, the workflow's counters, spend and two event numbers. Returns the workflow as left, the keys
-    released, and the locks released."""
+                    actor: dict[str, Any], agent_id: UUID | None) -> tuple[WorkflowSnapshot, list[str], list, str]:
+    """Complete a step in one statement, so the workflow row (every pull and report of the workflow takes it)
+    is held only from this statement to the commit: the attempt and the step, the dependents it releases
+    (with their NOTIFY), its locks, the workflow's counters, spend and event numbers, the events, and the
+    `Result` with the answer a repeated report gets.
+
+    Returns the workflow as left, the keys released, the locks released, and the workflow status stored in
+    the answer."""
     usage = outcome.usage
+    data = {"step": step.key, **actor, "attempt": attempt.number, "status": StepStatus.COMPLETED}
     with connection.cursor() as cursor:
         cursor.execute(_COMPLETE_SQL_BY_STATUS[from_status], {
-            "now": now, "attempt": attempt.id, "step": step.id, "workflow": step.workflow_id,
+            "now": now, "attempt": attempt.id, "step": step.id, "workflow": step.workflow_id, "key": step.key,
+            "agent": agent_id, "data": json.dumps(data), "result": uuid4(),
             "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
-            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens,
+            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "execution_time_s": outcome.execution_time_s,
         })
         row = cursor.fetchone()
     (last_seq, status, total, spent_usd, spent_tokens, budget_usd, budget_tokens, *rest) = row
     counts = rest[:len(_COUNTER_COLUMNS)]
-    released_keys, _roles, n_released, _notified, lock_rows = rest[len(_COUNTER_COLUMNS):]
-    events = 1 + bool(n_released)
+    released_keys, _roles, n_released, stored_status, _notified, lock_rows, event_rows = rest[len(_COUNTER_COLUMNS):]
     snapshot = WorkflowSnapshot(
         id=step.workflow_id, status=status, total_steps=total, counts=dict(zip(STEP_COUNTER_FIELDS.keys(), counts)),
-        first_seq=last_seq - events + 1, last_seq=last_seq, spent_usd=spent_usd, spent_tokens=spent_tokens,
+        first_seq=last_seq - bool(n_released),
+        last_seq=last_seq, spent_usd=spent_usd, spent_tokens=spent_tokens,
         budget_usd=budget_usd, budget_tokens=budget_tokens,
     )
     _end_attempt_in_memory(attempt, AttemptOutcome.COMPLETED, now)
@@ -1211,26 +1253,45 @@ def _complete_in_db(*, step: Step, attempt: Attempt, outcome: Outcome, now: date
     step.error = ""
     step.finished_at = now
     step.updated_at = now
+    released = list(released_keys)
+    ids = dict((seq, event_id) for event_id, seq in (json.loads(event_rows) if isinstance(event_rows, str)
+                                                     else event_rows))
+    events = [Event(id=ids[snapshot.first_seq], workflow_id=step.workflow_id, seq=snapshot.first_seq,
+                    kind="step.completed", step_id=step.id, agent_id=agent_id, data=data, at=now)]
+    if released:
+        events.append(Event(id=ids[last_seq], workflow_id=step.workflow_id, seq=last_seq, kind="steps.released",
+                            data={"steps": released, "by": step.key}, at=now))
+    for event in events:
+        event._state.adding = False
+        event_published(event)
     if isinstance(lock_rows, str):
         lock_rows = json.loads(lock_rows)
-    return snapshot, list(released_keys), lock_rows
+    return snapshot, released, lock_rows, stored_status
 
 
 def _finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
                  actor: dict[str, Any], agent_id: UUID | None) -> dict[str, Any]:
     """Apply an outcome to a step (an agent's report, or a person's decision on an approval step)."""
-    released: list[str] = []
-    skipped: list[str] = []
-    lock_rows: list = []
     step.lease_agent = None
     step.lease_expires_at = None
     step.lease_attempt = None
-    usage = outcome.usage
     if outcome.status == StepStatus.COMPLETED:
-        snapshot, released, lock_rows = _complete_in_db(step=step, attempt=attempt, outcome=outcome, now=now,
-                                                        from_status=from_status)
-        kind = "step.completed"
+        snapshot, released, lock_rows, stored_status = _complete_in_db(
+            step=step, attempt=attempt, outcome=outcome, now=now, from_status=from_status, actor=actor,
+            agent_id=agent_id)
+        answer_status, pause_reason = _workflow_after(snapshot)
+        response = {"step_id": str(step.id), "status": step.status, "workflow_status": answer_status,
+                    "released": released}
+        if stored_status != answer_status:
+            # The statement's reading of the workflow must agree with `_settled_status`; if it ever does not,
+            # the stored answer follows Python's.
+            logger.error("Stored workflow status %s differs from %s for step %s; correcting the stored answer.",
+                         stored_status, answer_status, step.id)
+            Result.objects.filter(attempt=attempt).update(response=response)
+        if lock_rows:
+            _record_locks_released(lock_rows, workflow_id=step.workflow_id, step_id=step.id, reason=outcome.status)
     else:
+        usage = outcome.usage
         moves: dict[str, int] = {from_status: -1}
         _end_attempt(attempt, AttemptOutcome.RETRY if outcome.retryable else AttemptOutcome.FAILED, now)
         new_status, skipped, _ = _requeue_or_fail(
@@ -1239,39 +1300,37 @@ def _finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetim
         _add(moves, new_status, 1)
         _add(moves, StepStatus.PENDING, -len(skipped))
         _add(moves, StepStatus.SKIPPED, len(skipped))
-        kind = "step.retrying" if new_status == StepStatus.READY else "step.failed"
         lock_release_for_step(step=step, reason=outcome.status)
         snapshot = _workflow_move(step.workflow_id, moves, events=1 + bool(skipped), spent_usd=usage.cost_usd,
                                   spent_tokens=usage.prompt_tokens + usage.completion_tokens)
-    seqs = snapshot.seqs()
-    data = {**actor, "attempt": attempt.number, "status": step.status}
-    if outcome.error:
-        data["error"] = outcome.error[:500]
-    if step.status == StepStatus.READY:
-        data["available_at"] = step.available_at.isoformat()
-    events = [_event(seqs, kind, workflow_id=step.workflow_id, step=step, agent_id=agent_id, data=data)]
-    if released:
-        events.append(_event(seqs, "steps.released", workflow_id=step.workflow_id, data={"steps": released, "by": step.key}))
-    if skipped:
-        events.append(_event(seqs, "steps.skipped", workflow_id=step.workflow_id, data={"steps": skipped, "after": step.key}))
-    # What the workflow becomes is known now; the writes that make it so follow the step's own events.
-    workflow_status = _settled_status(snapshot)
-    over_budget = snapshot.budget_exceeded()
-    pause = bool(over_budget) and workflow_status == WorkflowStatus.RUNNING
-    response = {
-        "step_id": str(step.id),
-        "status": step.status,
-        "workflow_status": WorkflowStatus.PAUSED if pause else workflow_status,
-        "released": released,
-    }
-    _insert_events_and_result(events, step=step, attempt=attempt, outcome=outcome, response=response, now=now)
-    if lock_rows:
-        _record_locks_released(lock_rows, workflow_id=step.workflow_id, step_id=step.id, reason=outcome.status)
+        seqs = snapshot.seqs()
+        data = {**actor, "attempt": attempt.number, "status": step.status, "error": outcome.error[:500]}
+        if step.status == StepStatus.READY:
+            data["available_at"] = step.available_at.isoformat()
+        kind = "step.retrying" if new_status == StepStatus.READY else "step.failed"
+        events = [_event(seqs, kind, workflow_id=step.workflow_id, step=step, agent_id=agent_id, data=data)]
+        if skipped:
+            events.append(_event(seqs, "steps.skipped", workflow_id=step.workflow_id,
+                                 data={"steps": skipped, "after": step.key}))
+        answer_status, pause_reason = _workflow_after(snapshot)
+        response = {"step_id": str(step.id), "status": step.status, "workflow_status": answer_status,
+                    "released": []}
+        _insert_events_and_result(events, step=step, attempt=attempt, outcome=outcome, response=response, now=now)
+    # What the workflow became is in the answer already; these writes make it so, after the step's own events.
     _settle_workflow(snapshot)
-    if pause:
+    if pause_reason:
         # Running agents learn it from their next heartbeat (cancel: true).
-        workflow_pause(workflow_id=step.workflow_id, reason=over_budget)
+        workflow_pause(workflow_id=step.workflow_id, reason=pause_reason)
     return response
+
+
+def _workflow_after(snapshot: WorkflowSnapshot) -> tuple[str, str]:
+    """The workflow's status once a step has finished (settled, or paused over budget), and why it pauses."""
+    status = _settled_status(snapshot)
+    over_budget = snapshot.budget_exceeded()
+    if over_budget and status == WorkflowStatus.RUNNING:
+        return WorkflowStatus.PAUSED, over_budget
+    return status, ""
 
 
 _EVENTS_AND_RESULT_SQL = """

@@ -44,3 +44,9 @@ class MetricsTests:
         assert 'am_steps{status="pending"} 1.0' in text
         assert 'am_workflows{status="running"} 1.0' in text
         assert "process_resident_memory_bytes" in text
+
+
+def test_every_response_says_how_long_the_server_took(client, db):
+    response = client.get("/healthz")
+    name, _, duration = response["Server-Timing"].partition(";dur=")
+    assert name == "app" and float(duration) >= 0

@@ -90,3 +90,37 @@ def test_the_api_keeps_to_its_schema(case, token):
     if isinstance(case.body, dict) and isinstance(case.body.get("wait_s"), (int, float)):
         case.body["wait_s"] = 0
     case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
+
+
+class _Stateful:
+    """Chained calls: what one operation returns (a workflow, a step, a lock) feeds the next, with a token."""
+
+    token = ""
+
+
+def _zero_waits(case) -> None:
+    if case.query and "wait" in case.query:
+        case.query["wait"] = 0
+    if isinstance(case.body, dict) and isinstance(case.body.get("wait_s"), (int, float)):
+        case.body["wait_s"] = 0
+
+
+class APIWorkflow(schema.as_state_machine()):
+    def before_call(self, case):
+        _zero_waits(case)
+
+    def get_call_kwargs(self, case):
+        return {"headers": {"Authorization": f"Bearer {_Stateful.token}"}}
+
+    def validate_response(self, response, case, additional_checks=None, **kwargs):
+        # The token goes in as explicit headers, so the auth check knows it is a real one (and strips it).
+        case.validate_response(response, checks=CHECKS, headers=kwargs.get("headers"), transport_kwargs=kwargs)
+
+
+@pytest.mark.slow
+def test_chained_calls_keep_to_the_schema_and_never_ignore_auth(token):
+    """Stateful: sequences of calls linked by the ids they return; no 5xx, no schema violation, auth checked."""
+    _Stateful.token = token
+    APIWorkflow.run(settings=settings(max_examples=15, stateful_step_count=6, deadline=None,
+                                      suppress_health_check=list(HealthCheck),
+                                      derandomize=os.environ.get("CI") == "true", print_blob=True))
