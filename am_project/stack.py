@@ -146,7 +146,7 @@ def api_server_command(host: str, port: int) -> list[str]:
     connection), so workers x threads bounds the agents that can wait at once.
     """
     workers = env_int("AM_API_WORKERS", os.cpu_count() or 2, minimum=1)
-    threads = env_int("AM_API_THREADS", 100, minimum=1)
+    threads = env_int("AM_API_THREADS", 200, minimum=1)
     return [sys.executable, "-m", "gunicorn", "am_project.wsgi:application", "-k", "gthread",
             "-w", str(workers), "--threads", str(threads), "-b", f"{host}:{port}",
             "--graceful-timeout", "10", "--log-level", "warning"]
