@@ -140,6 +140,42 @@ def server(kind: str, *, bare: bool = False):
             process.kill()
 
 
+def run_clients(client, count: int, seconds: float, what: str) -> float:
+    """Run `client(index, stop, errors)` in `count` threads for `seconds`; return the seconds it took.
+
+    A client loops until `stop` is set; on a failed request it appends why to
+    `errors` and returns, and then this raises, naming `what` failed.
+    """
+    import threading
+
+    errors: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(index, stop, errors)) for index in range(count)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[:3]}")
+    return time.monotonic() - started
+
+
+def pull_and_report(http, role: str = "bench"):
+    """One agent cycle over HTTP: pull a step of `role`, report it completed. Returns (pull response, error)."""
+    pulled = http.get(f"/v1/tasks/{role}/ready")
+    if pulled.status_code != 200:
+        return pulled, f"pull {pulled.status_code}"
+    body = pulled.json()
+    reported = http.post("/v1/report_result", json={
+        "step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed"})
+    if reported.status_code != 200:
+        return pulled, f"report {reported.status_code}"
+    return pulled, ""
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -166,4 +202,5 @@ def emit(result: dict) -> None:
     print(json.dumps({**result, "machine": machine()}), flush=True)
 
 
-__all__ = ["database_url", "emit", "fresh_database", "percentile", "say", "server", "statistics", "table"]
+__all__ = ["database_url", "emit", "fresh_database", "percentile", "pull_and_report", "run_clients", "say", "server",
+           "statistics", "table"]

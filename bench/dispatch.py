@@ -15,10 +15,9 @@ Side by side on the same PostgreSQL, at 1, 8 and 32 concurrent clients:
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-from _harness import emit, fresh_database, say, server, table
+from _harness import emit, fresh_database, pull_and_report, run_clients, say, server, table
 
 CONCURRENCY = [1, 8, 32]
 
@@ -39,35 +38,17 @@ def http_round_trips(url: str, tokens: list[str], clients: int, seconds: float) 
     import httpx
 
     done = [0] * clients
-    errors: list[str] = []
-    stop = threading.Event()
 
-    def client(index: int) -> None:
+    def client(index: int, stop, errors: list[str]) -> None:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens[index]}"}, timeout=30) as http:
             while not stop.is_set():
-                pulled = http.get("/v1/tasks/bench/ready")
-                if pulled.status_code != 200:
-                    errors.append(f"pull {pulled.status_code}")
-                    return
-                body = pulled.json()
-                reported = http.post("/v1/report_result", json={
-                    "step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed"})
-                if reported.status_code != 200:
-                    errors.append(f"report {reported.status_code}")
+                _pulled, error = pull_and_report(http)
+                if error:
+                    errors.append(error)
                     return
                 done[index] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - started
-    if errors:
-        raise RuntimeError(f"HTTP clients failed: {errors[:3]}")
+    elapsed = run_clients(client, clients, seconds, "HTTP clients")
     return sum(done) / elapsed, sum(done)
 
 
@@ -88,10 +69,8 @@ def bare_round_trips(url: str, clients: int, seconds: float) -> tuple[float, int
     import httpx
 
     done = [0] * clients
-    errors: list[str] = []
-    stop = threading.Event()
 
-    def client(index: int) -> None:
+    def client(index: int, stop, errors: list[str]) -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
             while not stop.is_set():
                 claimed = http.get("/bare/claim")
@@ -104,17 +83,8 @@ def bare_round_trips(url: str, clients: int, seconds: float) -> tuple[float, int
                     return
                 done[index] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError(f"bare clients failed: {errors[:3]}")
-    return sum(done) / (time.monotonic() - started), sum(done)
+    elapsed = run_clients(client, clients, seconds, "bare clients")
+    return sum(done) / elapsed, sum(done)
 
 
 RAW_TABLE = "bench_raw_step"
@@ -147,7 +117,6 @@ def raw_round_trips(params: dict, clients: int, seconds: float) -> tuple[float, 
     import psycopg
 
     done = [0] * clients
-    stop = threading.Event()
     claim = f"""UPDATE {RAW_TABLE} SET status = 'in_progress', attempt = attempt + 1, lease_agent_id = %s,
                    lease_token_hash = 'x', lease_expires_at = now() + interval '2 minutes'
                WHERE id = (SELECT id FROM {RAW_TABLE} WHERE status = 'ready' AND role = 'bench'
@@ -157,27 +126,21 @@ def raw_round_trips(params: dict, clients: int, seconds: float) -> tuple[float, 
                RETURNING id"""
     complete = f"UPDATE {RAW_TABLE} SET status = 'completed', final_result = 'ok', finished_at = now() WHERE id = %s"
 
-    def client(index: int) -> None:
+    def client(index: int, stop, errors: list[str]) -> None:
         agent = uuid.uuid4()
         with psycopg.connect(dbname="am_bench", **params) as conn:
             while not stop.is_set():
                 row = conn.execute(claim, [agent]).fetchone()
                 conn.commit()
                 if row is None:
+                    errors.append("the raw table ran out of ready rows")
                     return
                 conn.execute(complete, [row[0]])
                 conn.commit()
                 done[index] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    return sum(done) / (time.monotonic() - started), sum(done)
+    elapsed = run_clients(client, clients, seconds, "raw SQL clients")
+    return sum(done) / elapsed, sum(done)
 
 
 def procrastinate_rate(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
@@ -276,16 +239,20 @@ def main() -> None:
         header += [f"{kind}/s", "/raw", "bare/s", "/bare"]
     header.append("procrastinate/s")
     table("Dispatch: pull + report round trips per second", header, rows)
-    best = max(servers, key=lambda kind: results["http"][kind][8])
-    ratio8 = results["http"][best][8] / results["raw_sql"][8]
-    proc8 = results["procrastinate"].get(8) if isinstance(results["procrastinate"], dict) else None
+    # The targets are stated at 8 clients; with other --clients, the summary uses the middle level.
+    at = 8 if 8 in CONCURRENCY else CONCURRENCY[len(CONCURRENCY) // 2]
+    best = max(servers, key=lambda kind: results["http"][kind][at])
+    ratio = results["http"][best][at] / results["raw_sql"][at]
+    proc = results["procrastinate"].get(at) if isinstance(results["procrastinate"], dict) else None
     results["summary"] = {
+        "clients": at,
         "best_server": best,
-        "ratio_to_raw_sql_at_8": round(ratio8, 3),
+        "ratio_to_raw_sql": round(ratio, 3),
         "target_ratio": 0.25,
-        "meets_ratio_target": ratio8 >= 0.25,
-        "ratio_to_bare_views_at_8": round(results["http"][best][8] / results["bare"][best][8], 3),
-        "faster_than_procrastinate_at_8": bool(isinstance(proc8, dict) and results["http"][best][8] > proc8["defer_and_run"]),
+        "meets_ratio_target": ratio >= 0.25,
+        "ratio_to_bare_views": round(results["http"][best][at] / results["bare"][best][at], 3),
+        "faster_than_procrastinate": bool(isinstance(proc, dict)
+                                          and results["http"][best][at] > proc["defer_and_run"]),
     }
     emit({"benchmark": "dispatch", "seconds": args.seconds, **results})
 

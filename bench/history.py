@@ -17,7 +17,7 @@ import random
 import threading
 import time
 
-from _harness import emit, fresh_database, percentile, say, server, table
+from _harness import emit, fresh_database, percentile, pull_and_report, run_clients, say, server, table
 
 
 def seed_ready(count: int, per_workflow: int = 5000) -> None:
@@ -76,39 +76,28 @@ def _pullers(url: str, tokens: list[str], seconds: float, think_ms: float, out) 
 
     client_s: list[float] = []
     server_ms: list[float] = []
-    errors: list[str] = []
-    stop = threading.Event()
     lock = threading.Lock()
 
-    def puller(token: str) -> None:
-        rng = random.Random(token)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+    def puller(index: int, stop, errors: list[str]) -> None:
+        rng = random.Random(tokens[index])
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens[index]}"}, timeout=30) as http:
             while not stop.is_set():
                 started = time.perf_counter()
-                pulled = http.get("/v1/tasks/bench/ready")
-                elapsed = time.perf_counter() - started
-                if pulled.status_code != 200:
-                    errors.append(f"pull {pulled.status_code}")
+                pulled, error = pull_and_report(http)
+                if error:
+                    errors.append(error)
                     return
                 with lock:
-                    client_s.append(elapsed)
+                    # The pull alone: its own time on the client, and the server's Server-Timing.
+                    client_s.append(pulled.elapsed.total_seconds() if pulled.elapsed else time.perf_counter() - started)
                     server_ms.append(float(pulled.headers["Server-Timing"].partition("dur=")[2]))
-                body = pulled.json()
-                reported = http.post("/v1/report_result", json={
-                    "step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed"})
-                if reported.status_code != 200:
-                    errors.append(f"report {reported.status_code}")
-                    return
                 time.sleep(rng.expovariate(1000 / think_ms) if think_ms else 0)
 
-    threads = [threading.Thread(target=puller, args=(token,)) for token in tokens]
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    out.put((client_s, server_ms, errors))
+    try:
+        run_clients(puller, len(tokens), seconds, "pullers")
+        out.put((client_s, server_ms, []))
+    except RuntimeError as exc:
+        out.put((client_s, server_ms, [str(exc)]))
 
 
 def measure(url: str, tokens: list[str], seconds: float, think_ms: float, processes: int = 4) -> dict:

@@ -20,7 +20,7 @@ import argparse
 import threading
 import time
 
-from _harness import emit, fresh_database, percentile, say, server, table
+from _harness import emit, fresh_database, percentile, run_clients, say, server, table
 
 
 def run(url: str, tokens: list[str], seconds: float, scenario: str) -> dict:
@@ -28,12 +28,10 @@ def run(url: str, tokens: list[str], seconds: float, scenario: str) -> dict:
 
     done = [0] * len(tokens)
     latencies: list[float] = []
-    errors: list[str] = []
-    stop = threading.Event()
     guard = threading.Lock()
 
-    def client(index: int, token: str) -> None:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+    def client(index: int, stop, errors: list[str]) -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens[index]}"}, timeout=60) as http:
             n = 0
             while not stop.is_set():
                 n += 1
@@ -47,24 +45,13 @@ def run(url: str, tokens: list[str], seconds: float, scenario: str) -> dict:
                     return
                 with guard:
                     latencies.append(time.perf_counter() - started)
-                lock_id = granted.json()["locks"][0]["id"]
-                released = http.delete(f"/v1/locks/{lock_id}")
+                released = http.delete(f"/v1/locks/{granted.json()['locks'][0]['id']}")
                 if released.status_code != 204:
                     errors.append(f"release {released.status_code}")
                     return
                 done[index] += 1
 
-    threads = [threading.Thread(target=client, args=(i, t)) for i, t in enumerate(tokens)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - started
-    if errors:
-        raise RuntimeError(f"{scenario}: {errors[:3]}")
+    elapsed = run_clients(client, len(tokens), seconds, scenario)
     return {"cycles_per_s": round(sum(done) / elapsed, 1), "cycles": sum(done),
             "grant_p50_ms": round(percentile(latencies, 50) * 1000, 1),
             "grant_p99_ms": round(percentile(latencies, 99) * 1000, 1)}
