@@ -1,4 +1,5 @@
-"""HTTP goes to Django; WebSockets pass the origin check and session auth, then the dashboard routes."""
+"""HTTP goes to Django, except `/mcp` (the MCP endpoint); WebSockets pass the origin check and session auth,
+then the dashboard routes."""
 
 import os
 
@@ -11,11 +12,22 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the apps loa
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from coordination.mcp_server import MCPApp  # noqa: E402
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
+
+mcp_app = MCPApp()
+
+
+async def http(scope, receive, send):
+    if scope["path"] == "/mcp" or scope["path"].startswith("/mcp/"):
+        await mcp_app(scope, receive, send)
+    else:
+        await django_asgi_app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -106,26 +106,37 @@ class PullView(APIBase):
         key = request.headers.get("Idempotency-Key", "")
         if len(key) > 200:
             raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
-        deadline = time.monotonic() + wait
-        waiter = notify.listener.register(notify.STEP_READY, roles) if wait > 0 else None
-        try:
-            while True:
-                result = services.step_pull(agent=agent, roles=roles, idempotency_key=key)
-                if isinstance(result, services.Lease):
-                    return _no_store(Response(s.PullOutSerializer(s.pull_payload(result)).data))
-                remaining = deadline - time.monotonic()
-                if waiter is None or remaining <= 0:
-                    return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
-                timeout = remaining
-                # Steps passed over for locked files may go once a lock in their project is released.
-                waiter.also(notify.LOCKS, result.blocked_projects)
-                if result.next_available_at is not None:
-                    timeout = min(timeout, max(0.01, (result.next_available_at - timezone.now()).total_seconds()))
-                release_connection()
-                waiter.wait(timeout)
-        finally:
-            if waiter is not None:
-                notify.listener.unregister(waiter)
+        lease = pull_waiting(agent=agent, roles=roles, wait=wait, idempotency_key=key)
+        if lease is None:
+            return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
+        return _no_store(Response(s.PullOutSerializer(s.pull_payload(lease)).data))
+
+
+def pull_waiting(*, agent, roles: list[str], wait: float, idempotency_key: str = "") -> services.Lease | None:
+    """Pull, waiting up to `wait` seconds for a step to become ready (holding no database connection meanwhile).
+
+    Shared by the REST pull and the MCP `pull_step` tool.
+    """
+    deadline = time.monotonic() + wait
+    waiter = notify.listener.register(notify.STEP_READY, roles) if wait > 0 else None
+    try:
+        while True:
+            result = services.step_pull(agent=agent, roles=roles, idempotency_key=idempotency_key)
+            if isinstance(result, services.Lease):
+                return result
+            remaining = deadline - time.monotonic()
+            if waiter is None or remaining <= 0:
+                return None
+            timeout = remaining
+            # Steps passed over for locked files may go once a lock in their project is released.
+            waiter.also(notify.LOCKS, result.blocked_projects)
+            if result.next_available_at is not None:
+                timeout = min(timeout, max(0.01, (result.next_available_at - timezone.now()).total_seconds()))
+            release_connection()
+            waiter.wait(timeout)
+    finally:
+        if waiter is not None:
+            notify.listener.unregister(waiter)
 
 
 def release_connection() -> None:

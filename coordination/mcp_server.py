@@ -1,0 +1,366 @@
+"""MCP: any MCP-capable agent works for AM with no client code; its tools are the worker API.
+
+Served over Streamable HTTP at `/mcp` by the official `mcp` SDK (see
+`am_project/asgi.py`), authenticated with the same agent bearer tokens as
+`/v1`. Every tool is a thin call into the same services and serializers as the
+REST views, with the same checks; a refusal reaches the agent as a tool error
+that says what went wrong and what to do next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from rest_framework import serializers as drf_serializers
+from rest_framework.renderers import JSONRenderer
+
+from coordination import services
+from coordination.errors import ServiceError
+from coordination.models import Agent, Step, StepStatus, Workflow
+
+# What to do next, by error code: appended to the service's own message.
+NEXT_STEP = {
+    "stale_lease": "Drop this step's work and call pull_step for another.",
+    "lock_conflict": "Pick another step (release this one's locks first), or call acquire_locks again with wait_s.",
+    "at_capacity": "Report or finish a step you hold before pulling another.",
+    "not_found": "Check the id: use the one pull_step or acquire_locks returned.",
+    "forbidden": "Use only steps, locks and roles that are yours.",
+    "invalid_request": "Fix the arguments and call again.",
+}
+
+
+def _plain(data: Any) -> Any:
+    """DRF output (UUIDs, datetimes, decimals) as plain JSON values."""
+    return json.loads(JSONRenderer().render(data))
+
+
+def _refuse(error: ServiceError) -> ToolError:
+    extra = {k: v for k, v in error.extra.items() if k != "errors"}
+    hint = NEXT_STEP.get(error.code, "")
+    details = f" {json.dumps(_plain(extra))}" if extra else ""
+    return ToolError(f"{error.code}: {error.detail}{details} {hint}".strip())
+
+
+def _invalid(errors: dict) -> ToolError:
+    return ToolError(f"invalid_request: {json.dumps(_plain(errors))} {NEXT_STEP['invalid_request']}")
+
+
+def _agent() -> Agent:
+    token = get_access_token()
+    agent = Agent.objects.filter(id=token.client_id if token else None, enabled=True).first()
+    if agent is None:
+        raise ToolError("unauthorized: this agent's token no longer works; ask an administrator.")
+    return agent
+
+
+async def _call(function, *args, **kwargs):
+    """Run a sync service call in a thread with a database connection; service errors become tool errors."""
+    try:
+        return await database_sync_to_async(function)(*args, **kwargs)
+    except ServiceError as error:
+        raise _refuse(error) from None
+    except drf_serializers.ValidationError as error:
+        raise _invalid(error.detail) from None
+
+
+class AgentTokenVerifier:
+    """The agent bearer tokens of `/v1`; a disabled agent's token is refused."""
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        agent = await database_sync_to_async(_agent_for_token)(token)
+        if agent is None:
+            return None
+        return AccessToken(token=token, client_id=str(agent.id), scopes=["agent"], subject=agent.name)
+
+
+def _agent_for_token(token: str) -> Agent | None:
+    from coordination.api.auth import _agent_by_token_hash
+
+    agent = _agent_by_token_hash(services.token_hash(token))
+    if agent is None or not agent.enabled:
+        return None
+    services.agent_seen(agent=agent)
+    return agent
+
+
+_public_url = getattr(settings, "AM_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+
+mcp = MCPServer(
+    "AgentManager",
+    instructions=(
+        "You are a worker for AgentManager (AM), which coordinates many agents on one workflow and one shared "
+        "workspace. Pull a step for your role, keep its lease alive with heartbeat while you work, lock files "
+        "before you write them, and report the result. See the prompt 'work_a_step'."
+    ),
+    token_verifier=AgentTokenVerifier(),
+    # Agent tokens are ours, not OAuth tokens bound to an audience: the verifier checks them itself.
+    auth=AuthSettings(issuer_url=_public_url, resource_server_url=f"{_public_url}/mcp", validate_token_resource=False),
+)
+
+
+# --- tools ----------------------------------------------------------------------
+
+
+def _pull(role: str, wait_s: float) -> dict | None:
+    from coordination.api import serializers as s
+    from coordination.api.views import MAX_WAIT_S, _ROLE_RE, pull_waiting
+
+    agent = _agent()
+    roles = list(dict.fromkeys(r.strip() for r in role.split(",") if r.strip()))
+    bad = [r for r in roles if not _ROLE_RE.match(r)] or ([] if roles else [role])
+    if bad:
+        raise services.InvalidRequest(f"{bad[0]!r} is not a valid role: a slug of a-z, 0-9, '_' and '-'.")
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        raise services.InvalidRequest(f"wait_s={wait_s} is out of range: give seconds from 0 to {MAX_WAIT_S}.")
+    lease = pull_waiting(agent=agent, roles=roles, wait=wait_s)
+    return _plain(s.PullOutSerializer(s.pull_payload(lease)).data) if lease else None
+
+
+@mcp.tool()
+async def pull_step(role: str, wait_s: float = 0) -> dict:
+    """Take the next ready step of your role (or several roles, comma-separated) and hold it under a lease.
+
+    Call this when you are free to work. Returns the step (its description, the files it declares and the
+    results of the steps it depends on as `inputs`), its workflow, and a lease: keep `lease.token`, call
+    heartbeat before `lease.expires_at` (every ttl_s/3 seconds is safe), and finish with report_result.
+    `wait_s` (0 to 30) waits that long for a step to become ready. If nothing is ready, `step` is null:
+    call again later. at_capacity means you already hold as many steps as you may: finish one first.
+    """
+    pulled = await _call(_pull, role, wait_s)
+    return pulled or {"step": None, "detail": f"No step of role(s) {role!r} is ready; call pull_step again later."}
+
+
+def _heartbeat(step_id: str, lease_token: str, iterations: list) -> dict:
+    from coordination.api import serializers as s
+
+    body = s.HeartbeatInSerializer(data={"lease_token": lease_token, "iterations": iterations})
+    body.is_valid(raise_exception=True)
+    result = services.step_heartbeat(step_id=UUID(step_id), agent=_agent(),
+                                     lease_token=body.validated_data["lease_token"],
+                                     iterations=s.to_iterations(body.validated_data["iterations"]))
+    return _plain(s.HeartbeatOutSerializer(result).data)
+
+
+@mcp.tool()
+async def heartbeat(step_id: str, lease_token: str, iterations: list[dict] | None = None) -> dict:
+    """Keep your lease on a step alive, and record your reasoning so far.
+
+    Call it regularly while you work (before the lease expires). `iterations` are your new
+    reasoning steps, each {"iteration": n, "thought": ..., "action": ..., "observation": ...}; sending one
+    again is harmless. The answer has the new `expires_at`; if `cancel` is true, the workflow was paused
+    or cancelled: stop working on this step and do not report it. stale_lease means the step is no
+    longer yours: drop the work.
+    """
+    return await _call(_heartbeat, _uuid(step_id), lease_token, iterations or [])
+
+
+def _report(payload: dict) -> dict:
+    from coordination.api import serializers as s
+
+    body = s.ReportInSerializer(data=payload)
+    body.is_valid(raise_exception=True)
+    result = services.step_report(step_id=body.validated_data["step_id"], agent=_agent(),
+                                  lease_token=body.validated_data["lease_token"], outcome=body.to_outcome())
+    return _plain(s.ReportOutSerializer(result).data)
+
+
+@mcp.tool()
+async def report_result(step_id: str, lease_token: str, status: str, final_result: str = "",
+                        outputs: dict | None = None, error: str = "", retryable: bool = False,
+                        iterations: list[dict] | None = None, usage: dict | None = None) -> dict:
+    """Finish a step you hold: status "completed" with `final_result` (and any structured `outputs`),
+    or "failed" with `error` (`retryable` true if another attempt may succeed).
+
+    Include your whole reasoning history as `iterations` ({"iteration", "thought", "action",
+    "observation"}) and, if you know it, `usage` ({"model", "prompt_tokens", "completion_tokens",
+    "cost_usd"}). The answer lists the steps your result released. Reporting the same result again
+    returns the same answer. stale_lease means your lease ended and the result was not applied: drop it.
+    """
+    payload: dict[str, Any] = {"step_id": step_id, "lease_token": lease_token, "status": status,
+                               "final_result": final_result, "outputs": outputs or {}, "error": error,
+                               "retryable": retryable, "iterations": iterations or []}
+    if usage:
+        payload["usage"] = usage
+    return await _call(_report, payload)
+
+
+def _acquire(payload: dict) -> dict:
+    from coordination.api import serializers as s
+    from coordination.api.views import release_connection
+
+    body = s.LockInSerializer(data=payload)
+    body.is_valid(raise_exception=True)
+    data = body.validated_data
+    locks = services.locks_acquire(
+        agent=_agent(), paths=data["paths"], mode=data["mode"], project_name=data.get("project"),
+        step_id=data.get("step_id"), lease_token=data.get("lease_token"), ttl_s=data.get("ttl_s"),
+        wait_s=data["wait_s"], release_connection=release_connection)
+    from coordination import selectors
+
+    return _plain(s.LockListSerializer({"locks": selectors.locks_by_id([lock.id for lock in locks])}).data)
+
+
+@mcp.tool()
+async def acquire_locks(paths: list[str], mode: str = "write", ttl_s: int | None = None, step_id: str | None = None,
+                        lease_token: str | None = None, project: str | None = None, wait_s: float = 0) -> dict:
+    """Lock workspace files before you change them (mode "write") or to read them unchanged ("read").
+
+    Paths are relative to the workspace ("src/app.py"); one ending in "/" covers a whole directory. Pass
+    your step_id and lease_token to hold the locks under your step's lease (they end with it); else they
+    last `ttl_s` seconds (default 300). All paths are granted or none. lock_conflict names who holds what
+    and until when: pick another step, or call again with wait_s (up to 30) to queue for them. Keep the
+    returned ids and `fencing` numbers; release the locks with release_locks when done.
+    """
+    payload: dict[str, Any] = {"paths": paths, "mode": mode, "wait_s": wait_s}
+    for name, value in (("ttl_s", ttl_s), ("step_id", step_id), ("lease_token", lease_token), ("project", project)):
+        if value is not None:
+            payload[name] = value
+    return await _call(_acquire, payload)
+
+
+def _release(ids: list[str]) -> dict:
+    agent = _agent()
+    released = [str(services.lock_release(lock_id=UUID(lock_id), agent=agent).id) for lock_id in ids]
+    return {"released": released}
+
+
+@mcp.tool()
+async def release_locks(ids: list[str]) -> dict:
+    """Release locks you hold, by the ids acquire_locks returned, as soon as you are done with the files.
+
+    Releasing a lock that already ended changes nothing. Locks taken under a step are also released when
+    you report it.
+    """
+    return await _call(_release, [_uuid(lock_id) for lock_id in ids])
+
+
+def _status(workflow_id: str) -> dict:
+    from coordination.api import serializers as s
+
+    workflow = Workflow.objects.filter(id=UUID(workflow_id)).first()
+    if workflow is None:
+        raise services.NotFound(f"Workflow {workflow_id} does not exist.")
+    return _plain(s.WorkflowStatusSerializer(workflow).data)
+
+
+@mcp.tool()
+async def workflow_status(workflow_id: str) -> dict:
+    """A workflow's progress: its status, step counts by status, spend and budget.
+
+    Useful to see whether the work you depend on is done, or whether the workflow was paused or cancelled.
+    """
+    return await _call(_status, _uuid(workflow_id))
+
+
+def _ready(role: str) -> dict:
+    steps = (Step.objects.filter(status=StepStatus.READY, role=role, workflow__status="running")
+             .select_related("workflow").order_by("-workflow_priority", "-priority", "available_at")[:50])
+    return {"role": role, "steps": [
+        {"id": str(step.id), "key": step.key, "name": step.name, "workflow": step.workflow.name,
+         "workflow_id": str(step.workflow_id), "files": step.files} for step in steps]}
+
+
+@mcp.tool()
+async def list_ready(role: str) -> dict:
+    """Steps of a role that are ready to be pulled now (the first 50, in the order pull_step hands them out).
+
+    Only a look: pull_step is what takes one.
+    """
+    await _call(_agent)
+    return await _call(_ready, role)
+
+
+def _uuid(value: str) -> str:
+    try:
+        return str(UUID(str(value)))
+    except ValueError:
+        raise ToolError(f"invalid_request: {value!r} is not an id. {NEXT_STEP['not_found']}") from None
+
+
+# --- resources and prompts ---------------------------------------------------------
+
+
+def _workflow_document(workflow_id: str) -> str:
+    from coordination import selectors
+    from coordination.api import serializers as s
+
+    workflow = Workflow.objects.filter(id=UUID(workflow_id)).first()
+    if workflow is None:
+        raise services.NotFound(f"Workflow {workflow_id} does not exist.")
+    steps, deps = selectors.workflow_steps(workflow=workflow)
+    return json.dumps({
+        **_plain(s.WorkflowStatusSerializer(workflow).data),
+        "steps": [{"id": str(step.id), "key": step.key, "name": step.name, "role": step.role,
+                   "status": step.status, "depends_on": deps.get(step.id, []), "attempt": step.attempt}
+                  for step in steps],
+    })
+
+
+@mcp.resource("am://workflows/{workflow_id}", name="workflow", mime_type="application/json")
+async def workflow_resource(workflow_id: str) -> str:
+    """A workflow's status and its steps (key, role, status, dependencies)."""
+    await _call(_agent)
+    return await _call(_workflow_document, _uuid(workflow_id))
+
+
+@mcp.prompt()
+def work_a_step(role: str) -> str:
+    """How to work one step for AgentManager, start to finish."""
+    return (
+        f"You work steps of role {role!r} for AgentManager.\n"
+        f"1. Call pull_step(role={role!r}, wait_s=20). If `step` is null, nothing is ready: call it again.\n"
+        "2. Read the step's description, its declared `files` and `inputs` (the results of the steps it "
+        "depends on). Keep `lease.token`.\n"
+        "3. While you work, call heartbeat(step_id, lease_token, iterations) every lease.ttl_s/3 seconds, "
+        "sending your new reasoning steps. If it answers cancel: true, stop and do not report.\n"
+        "4. Before writing a file the step did not declare, call acquire_locks([path], 'write', step_id=..., "
+        "lease_token=...). On lock_conflict, wait (wait_s) or work on something else; never write a file "
+        "you have not locked.\n"
+        "5. Finish with report_result(step_id, lease_token, 'completed', final_result=..., iterations=[...]) "
+        "or 'failed' with an error. Locks under the step are released with it.\n"
+        "6. On stale_lease at any point, the step is no longer yours: drop the work and pull another.\n"
+    )
+
+
+# --- the ASGI app -------------------------------------------------------------------
+
+
+def _transport_security() -> TransportSecuritySettings:
+    hosts = list(settings.ALLOWED_HOSTS)
+    if "*" in hosts:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    allowed = [f"{host.lstrip('.')}:*" for host in hosts] + [host.lstrip(".") for host in hosts]
+    origins = [f"{scheme}://{host.lstrip('.')}:*" for host in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(allowed_hosts=allowed, allowed_origins=origins)
+
+
+class MCPApp:
+    """The SDK's Streamable HTTP app, with its session manager started in the server's event loop on first use
+    (daphne sends no ASGI lifespan events)."""
+
+    def __init__(self) -> None:
+        self.app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=_transport_security())
+        self._started: asyncio.Event | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self._started is None:
+            self._started = asyncio.Event()
+            asyncio.get_running_loop().create_task(self._run())
+        await self._started.wait()
+        await self.app(scope, receive, send)
+
+    async def _run(self) -> None:
+        async with mcp.session_manager.run():
+            self._started.set()
+            await asyncio.Event().wait()

@@ -1,0 +1,105 @@
+"""The MCP endpoint, through the official `mcp` client SDK against a live server (daphne) over HTTP."""
+
+import asyncio
+import json
+from datetime import timedelta
+
+import httpx2
+import pytest
+from django.utils import timezone
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from coordination import services
+from coordination.models import Result, Step
+from coordination.tests.conftest import make_agent
+from coordination.tests.factories import step, workflow_spec
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+async def _session_calls(url: str, token: str, calls):
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        async with streamable_http_client(f"{url}/mcp", http_client=http) as streams:
+            async with ClientSession(streams[0], streams[1]) as session:
+                await session.initialize()
+                return await calls(session)
+
+
+def _json(result) -> dict:
+    assert not result.is_error, result.content[0].text
+    return json.loads(result.content[0].text)
+
+
+class MCPTests:
+    def test_an_mcp_client_works_a_workflow_through_the_tools_alone(self, live_am):
+        agent = make_agent("mcp-worker", ["developer"], capacity=1)
+        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Via MCP"))
+
+        async def calls(session):
+            names = {tool.name for tool in (await session.list_tools()).tools}
+            prompts = {prompt.name for prompt in (await session.list_prompts()).prompts}
+            ready = _json(await session.call_tool("list_ready", {"role": "developer"}))
+            assert [s["key"] for s in ready["steps"]] == ["A"]
+            done = []
+            for _ in range(2):
+                pulled = _json(await session.call_tool("pull_step", {"role": "developer", "wait_s": 5}))
+                step_id, token = pulled["step"]["id"], pulled["lease"]["token"]
+                beat = _json(await session.call_tool("heartbeat", {"step_id": step_id, "lease_token": token,
+                                                                    "iterations": [{"iteration": 1, "thought": "t"}]}))
+                assert beat["cancel"] is False
+                locks = _json(await session.call_tool("acquire_locks", {
+                    "paths": [f"notes/{pulled['step']['key']}.md"], "mode": "write", "step_id": step_id,
+                    "lease_token": token}))
+                assert locks["locks"][0]["fencing"] >= 1
+                released = _json(await session.call_tool("release_locks", {"ids": [locks["locks"][0]["id"]]}))
+                assert released["released"] == [locks["locks"][0]["id"]]
+                report = _json(await session.call_tool("report_result", {
+                    "step_id": step_id, "lease_token": token, "status": "completed",
+                    "final_result": f"done {pulled['step']['key']}"}))
+                done.append((pulled["step"]["key"], report))
+            status = _json(await session.call_tool("workflow_status", {"workflow_id": str(workflow.id)}))
+            resource = await session.read_resource(f"am://workflows/{workflow.id}")
+            return names, prompts, done, status, json.loads(resource.contents[0].text)
+
+        names, prompts, done, status, document = asyncio.run(_session_calls(live_am, agent.token, calls))
+        assert {"pull_step", "heartbeat", "report_result", "acquire_locks", "release_locks", "workflow_status",
+                "list_ready"} <= names
+        assert "work_a_step" in prompts
+        assert [key for key, _ in done] == ["A", "B"]
+        assert done[0][1]["released"] == ["B"]
+        assert status["status"] == "completed" and status["counts"]["completed"] == 2
+        assert [s["status"] for s in document["steps"]] == ["completed", "completed"]
+        assert Step.objects.get(workflow=workflow, key="B").final_result == "done B"
+
+    def test_a_wrong_token_is_refused(self, live_am):
+        async def calls(session):
+            return await session.list_tools()
+
+        with pytest.raises(BaseException):  # the SDK client cannot even initialize
+            asyncio.run(_session_calls(live_am, "not-a-token", calls))
+        response = httpx2.post(f"{live_am}/mcp", headers={"Authorization": "Bearer not-a-token"}, json={})
+        assert response.status_code == 401
+
+    def test_a_stale_lease_is_refused_through_mcp_as_through_rest(self, live_am):
+        first = make_agent("mcp-first", ["developer"])
+        second = make_agent("mcp-second", ["developer"])
+        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="Stale"))
+        lease = services.step_pull(agent=first.agent, roles=["developer"])
+        # The lease runs out, the sweep hands the step back, another agent takes it.
+        Step.objects.filter(id=lease.step.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        services.lease_expire(step_id=lease.step.id)
+        assert isinstance(services.step_pull(agent=second.agent, roles=["developer"]), services.Lease)
+
+        async def calls(session):
+            return await session.call_tool("report_result", {"step_id": str(lease.step.id),
+                                                             "lease_token": lease.token, "status": "completed",
+                                                             "final_result": "stale"})
+
+        result = asyncio.run(_session_calls(live_am, first.token, calls))
+        assert result.is_error
+        assert "stale_lease" in result.content[0].text and "pull_step" in result.content[0].text
+        rest = first.client().post("/v1/report_result", {"step_id": str(lease.step.id), "lease_token": lease.token,
+                                                         "status": "completed"}, format="json")
+        assert rest.status_code == 409 and rest.json()["error"] == "stale_lease"
+        assert not Result.objects.filter(step__workflow=workflow, status="completed").exists()
