@@ -103,3 +103,18 @@ class MCPTests:
                                                          "status": "completed"}, format="json")
         assert rest.status_code == 409 and rest.json()["error"] == "stale_lease"
         assert not Result.objects.filter(step__workflow=workflow, status="completed").exists()
+
+    def test_a_lock_conflict_names_the_holder_and_says_what_to_do(self, live_am):
+        holder = make_agent("mcp-holder", ["developer"])
+        other = make_agent("mcp-other", ["developer"])
+        services.locks_acquire(agent=holder.agent, paths=["src/app.py"], mode="write", project_name="default")
+
+        async def calls(session):
+            return await session.call_tool("acquire_locks", {"paths": ["src/app.py"], "mode": "write",
+                                                             "project": "default"})
+
+        result = asyncio.run(_session_calls(live_am, other.token, calls))
+        assert result.is_error
+        text = result.content[0].text
+        assert "lock_conflict: src/app.py is held (write) by mcp-holder until " in text
+        assert "pick another step" in text.lower()
