@@ -85,9 +85,9 @@ class AgentTokenVerifier:
 
 
 def _agent_for_token(token: str) -> Agent | None:
-    from coordination.api.auth import _agent_by_token_hash
+    from coordination.api.auth import agent_by_token_hash
 
-    agent = _agent_by_token_hash(services.token_hash(token))
+    agent = agent_by_token_hash(services.token_hash(token))
     if agent is None or not agent.enabled:
         return None
     services.agent_seen(agent=agent)

@@ -247,12 +247,15 @@ class Socket:
 
 def exactly_once_report(workflow_id) -> dict:
     """What the tables say about a finished workflow: every step completed once, one applied result each."""
-    from django.db.models import Count, Q
+    from django.db.models import Count
 
     from coordination.models import Attempt, Event, Result, Step, Workflow
 
     workflow = Workflow.objects.get(id=workflow_id)
     steps = Step.objects.filter(workflow=workflow)
+    # Each step's final result must be the one in its applied (completed) result.
+    applied = dict(Result.objects.filter(step__workflow=workflow, status="completed")
+                   .values_list("step_id", "final_result"))
     completed_results = (Result.objects.filter(step__workflow=workflow, status="completed")
                          .values("step").annotate(n=Count("id")))
     twice = [row for row in completed_results if row["n"] != 1]
@@ -269,15 +272,10 @@ def exactly_once_report(workflow_id) -> dict:
         "attempts": Attempt.objects.filter(step__workflow=workflow).count(),
         "attempts_expired": Attempt.objects.filter(step__workflow=workflow, outcome="expired").count(),
         "stale_reports_refused": Event.objects.filter(workflow=workflow, kind="step.stale_report").count(),
-        "final_result_matches": steps.filter(status="completed").exclude(
-            Q(results__status="completed") & Q(results__final_result=models_F("final_result"))).count() == 0,
+        "final_result_matches": all(
+            final == applied.get(step_id) for step_id, final in steps.filter(status="completed")
+            .values_list("id", "final_result")),
     }
-
-
-def models_F(name: str):
-    from django.db.models import F
-
-    return F(name)
 
 
 def wait_until(predicate, timeout: float, what: str, every: float = 0.5):

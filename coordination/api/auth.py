@@ -38,7 +38,7 @@ class AgentUser:
 _AGENT_BY_TOKEN_SQL = f"SELECT {rows.select_list(Agent, 'a')} FROM coordination_agent a WHERE a.token_hash = %s"
 
 
-def _agent_by_token_hash(hashed: str) -> Agent | None:
+def agent_by_token_hash(hashed: str) -> Agent | None:
     """The agent with this token hash (every agent request asks: plain SQL, no query compilation)."""
     with connection.cursor() as cursor:
         cursor.execute(_AGENT_BY_TOKEN_SQL, [hashed])
@@ -62,7 +62,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         except UnicodeDecodeError:
             raise exceptions.AuthenticationFailed("The token contains characters a token never has.") from None
         hashed = services.token_hash(token)
-        agent = _agent_by_token_hash(hashed)
+        agent = agent_by_token_hash(hashed)
         if agent is not None and hmac.compare_digest(agent.token_hash, hashed):
             if not agent.enabled:
                 raise exceptions.AuthenticationFailed(f"Agent {agent.name!r} is disabled; ask an administrator to enable it.")
