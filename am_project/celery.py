@@ -1,6 +1,6 @@
 """The Celery app and the beat schedule.
 
-Tasks are thin: they take ids and call a service in `coordination/services.py`.
+Tasks are thin: they take ids and call a service in `coordination/services/`.
 """
 
 import os

@@ -23,14 +23,14 @@ CONCURRENCY = [1, 8, 32]
 
 
 def seed_steps(count: int) -> None:
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     per = 5000
     for offset in range(0, count, per):
         n = min(per, count - offset)
-        services.workflow_create(spec=services.WorkflowSpec(
+        workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(
             name=f"bench {offset}",
-            steps=tuple(services.StepSpec(key=f"s{i}", name="x", role="bench") for i in range(n)),
+            steps=tuple(workflow_specs.StepSpec(key=f"s{i}", name="x", role="bench") for i in range(n)),
         ))
 
 
@@ -183,13 +183,13 @@ def main() -> None:
     CONCURRENCY = [int(n) for n in args.clients.split(",")]
     url, params = fresh_database()
 
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     servers = [s for s in args.servers.split(",") if s]
     expected = int(600 * args.seconds * len(CONCURRENCY) * len(servers)) + 2000
     say(f"seeding {expected} ready steps")
     seed_steps(expected)
-    tokens = [services.agent_create(name=f"bench-{i}", roles=["bench"])[1] for i in range(max(CONCURRENCY))]
+    tokens = [agent_registry.agent_create(name=f"bench-{i}", roles=["bench"])[1] for i in range(max(CONCURRENCY))]
 
     results: dict = {"http": {}, "bare": {}, "raw_sql": {}, "procrastinate": {}}
     bare_setup(params, expected)

@@ -102,9 +102,9 @@ def main() -> None:
     args = parser.parse_args()
     _url, params = fresh_database()
 
-    from coordination import services
+    from coordination.services import agent_registry
 
-    tokens = [services.agent_create(name=f"idle-{i}", roles=["idle"])[1] for i in range(args.agents)]
+    tokens = [agent_registry.agent_create(name=f"idle-{i}", roles=["idle"])[1] for i in range(args.agents)]
     results = {}
     for kind in [s for s in args.servers.split(",") if s]:
         results[kind] = measure(kind, tokens, params, args.hold)

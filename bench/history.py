@@ -24,13 +24,13 @@ from _harness import emit, fresh_database, percentile, pull_and_report, run_clie
 
 
 def seed_ready(count: int, per_workflow: int = 5000) -> None:
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     for offset in range(0, count, per_workflow):
         n = min(per_workflow, count - offset)
-        services.workflow_create(spec=services.WorkflowSpec(
+        workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(
             name=f"queue {offset}",
-            steps=tuple(services.StepSpec(key=f"s{i}", name="x", role="bench") for i in range(n)),
+            steps=tuple(workflow_specs.StepSpec(key=f"s{i}", name="x", role="bench") for i in range(n)),
         ))
 
 
@@ -154,12 +154,12 @@ def main() -> None:
     args = parser.parse_args()
     _url, params = fresh_database()
 
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     ready = int(args.pullers * args.seconds * 2 * 1000 / max(args.think_ms, 50)) + 2000
     say(f"seeding {ready:,} ready steps")
     seed_ready(ready, args.per_workflow)
-    tokens = [services.agent_create(name=f"puller-{i}", roles=["bench"])[1] for i in range(args.pullers)]
+    tokens = [agent_registry.agent_create(name=f"puller-{i}", roles=["bench"])[1] for i in range(args.pullers)]
     results: dict = {}
     with server(args.server) as (base, _process):
         measure(base, tokens, 4.0, args.think_ms, nice=args.client_nice)  # warm up: pools, caches, threads

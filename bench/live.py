@@ -65,12 +65,12 @@ def main() -> None:
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     steps = args.reports + 5
-    workflow = services.workflow_create(spec=services.WorkflowSpec(
-        name="live", steps=tuple(services.StepSpec(key=f"s{i}", name=f"step {i}", role="bench") for i in range(steps))))
-    _, token = services.agent_create(name="reporter", roles=["bench"])
+    workflow = workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(
+        name="live", steps=tuple(workflow_specs.StepSpec(key=f"s{i}", name=f"step {i}", role="bench") for i in range(steps))))
+    _, token = agent_registry.agent_create(name="reporter", roles=["bench"])
     user = get_user_model().objects.create_user("watcher", password="x", is_staff=True)
     client = Client(HTTP_HOST="127.0.0.1")
     client.force_login(user)

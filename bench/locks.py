@@ -65,10 +65,10 @@ def main() -> None:
     args = parser.parse_args()
     fresh_database()
 
-    from coordination import services
+    from coordination.services import agent_registry
     from coordination.models import FileLock
 
-    tokens = [services.agent_create(name=f"locker-{i}", roles=["bench"])[1] for i in range(args.clients)]
+    tokens = [agent_registry.agent_create(name=f"locker-{i}", roles=["bench"])[1] for i in range(args.clients)]
     results = {}
     with server(args.server) as (base, _process):
         run(base, tokens[:2], 1.0, "uncontended")  # warm up

@@ -29,12 +29,12 @@ def main() -> None:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
-    services.workflow_create(spec=services.WorkflowSpec(
-        name="profile", steps=tuple(services.StepSpec(key=f"s{i}", name="x", role="bench")
+    workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(
+        name="profile", steps=tuple(workflow_specs.StepSpec(key=f"s{i}", name="x", role="bench")
                                     for i in range(args.cycles + 20))))
-    _, token = services.agent_create(name="profiler", roles=["bench"], capacity=1)
+    _, token = agent_registry.agent_create(name="profiler", roles=["bench"], capacity=1)
     client = Client(HTTP_HOST="127.0.0.1", HTTP_AUTHORIZATION=f"Bearer {token}")
 
     def cycle() -> None:

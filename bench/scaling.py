@@ -28,7 +28,7 @@ def main() -> None:
     from django.test.utils import CaptureQueriesContext
     from rest_framework.test import APIClient
 
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     # Per size, fans (one root, then leaves that depend on it): a leaf's report releases nothing, so the
     # figure isolates the cost that could grow with the workflow. The 10-step size needs several fans to
@@ -39,11 +39,11 @@ def main() -> None:
         role = f"scale{size}"
         fans = -(-args.repeat // (size - 1))
         for fan in range(fans):
-            services.workflow_create(spec=services.WorkflowSpec(name=f"scale {size} #{fan}", steps=tuple(
-                [services.StepSpec(key="root", name="root", role=role)]
-                + [services.StepSpec(key=f"s{i}", name="x", role=role, depends_on=("root",))
+            workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(name=f"scale {size} #{fan}", steps=tuple(
+                [workflow_specs.StepSpec(key="root", name="root", role=role)]
+                + [workflow_specs.StepSpec(key=f"s{i}", name="x", role=role, depends_on=("root",))
                    for i in range(size - 1)])))
-        _agent, token = services.agent_create(name=f"scaler-{size}", roles=[role], capacity=1)
+        _agent, token = agent_registry.agent_create(name=f"scaler-{size}", roles=[role], capacity=1)
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
         clients[size] = client

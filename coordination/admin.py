@@ -2,7 +2,8 @@
 
 from django.contrib import admin, messages
 
-from coordination import models, services
+from coordination import models
+from coordination.services import agent_registry, file_locks, workflow_control
 from coordination.errors import ServiceError
 
 
@@ -41,12 +42,12 @@ class AgentAdmin(admin.ModelAdmin):
 
     @admin.action(description="Disable selected agents (their tokens stop working)")
     def disable_agents(self, request, queryset):
-        _each(self, request, queryset, lambda a: services.agent_set_enabled(agent_id=a.id, enabled=False,
+        _each(self, request, queryset, lambda a: agent_registry.agent_set_enabled(agent_id=a.id, enabled=False,
                                                                             user=request.user), "Disabled")
 
     @admin.action(description="Enable selected agents")
     def enable_agents(self, request, queryset):
-        _each(self, request, queryset, lambda a: services.agent_set_enabled(agent_id=a.id, enabled=True,
+        _each(self, request, queryset, lambda a: agent_registry.agent_set_enabled(agent_id=a.id, enabled=True,
                                                                             user=request.user), "Enabled")
 
 
@@ -76,17 +77,17 @@ class WorkflowAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected workflows")
     def cancel_workflows(self, request, queryset):
-        _each(self, request, queryset, lambda w: services.workflow_cancel(workflow_id=w.id, user=request.user),
+        _each(self, request, queryset, lambda w: workflow_control.workflow_cancel(workflow_id=w.id, user=request.user),
               "Cancelled")
 
     @admin.action(description="Pause selected workflows")
     def pause_workflows(self, request, queryset):
-        _each(self, request, queryset, lambda w: services.workflow_pause(workflow_id=w.id, user=request.user),
+        _each(self, request, queryset, lambda w: workflow_control.workflow_pause(workflow_id=w.id, user=request.user),
               "Paused")
 
     @admin.action(description="Resume selected workflows")
     def resume_workflows(self, request, queryset):
-        _each(self, request, queryset, lambda w: services.workflow_resume(workflow_id=w.id, user=request.user),
+        _each(self, request, queryset, lambda w: workflow_control.workflow_resume(workflow_id=w.id, user=request.user),
               "Resumed")
 
 
@@ -114,7 +115,7 @@ class StepAdmin(admin.ModelAdmin):
 
     @admin.action(description="Retry selected failed or cancelled steps")
     def retry_steps(self, request, queryset):
-        _each(self, request, queryset, lambda s: services.step_retry(step_id=s.id, user=request.user), "Retried")
+        _each(self, request, queryset, lambda s: workflow_control.step_retry(step_id=s.id, user=request.user), "Retried")
 
 
 @admin.register(models.Attempt)
@@ -153,7 +154,7 @@ class FileLockAdmin(admin.ModelAdmin):
 
     @admin.action(description="Release selected locks")
     def release_locks(self, request, queryset):
-        _each(self, request, queryset, lambda lock: services.lock_release(lock_id=lock.id, user=request.user),
+        _each(self, request, queryset, lambda lock: file_locks.lock_release(lock_id=lock.id, user=request.user),
               "Released")
 
 

@@ -68,3 +68,10 @@ class AtCapacity(ServiceError):
 
 class LockConflict(Conflict):
     code = "lock_conflict"
+
+
+class Busy(ServiceError):
+    """PostgreSQL refused the change because of concurrent ones, more times than the server retries."""
+
+    code = "busy"
+    status = 503

@@ -1,9 +1,9 @@
-"""Events: written in the transaction of the change they record, published after commit.
+"""Events: published to the dashboards after the change they record commits.
 
-`event_record` appends to the workflow's ordered log (`seq` allocated from the
-workflow row, which the change has usually locked already) and schedules the
-broadcast with `transaction.on_commit`, so a rolled-back change is never shown
-and a committed one always is. Publishing is best effort: when Redis is down the
+Services record events (`coordination/services/event_log.py`) in the
+transaction of the change and hand them here with `event_published`, which
+schedules the broadcast with `transaction.on_commit`, so a rolled-back change
+is never shown and a committed one always is. Publishing is best effort: when Redis is down the
 change still stands, and dashboards catch up from the log (`after=seq`).
 """
 
@@ -11,7 +11,7 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from django.db import connection, transaction
+from django.db import transaction
 
 from coordination.models import Event
 
@@ -22,36 +22,6 @@ OVERVIEW_GROUP = "overview"
 
 def workflow_group(workflow_id: UUID | str) -> str:
     return f"workflow.{workflow_id}"
-
-
-def _next_seq(workflow_id: UUID) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE coordination_workflow SET event_seq = event_seq + 1 WHERE id = %s RETURNING event_seq",
-            [workflow_id],
-        )
-        row = cursor.fetchone()
-    if row is None:
-        raise LookupError(f"workflow {workflow_id} does not exist")
-    return row[0]
-
-
-def event_record(
-    *,
-    kind: str,
-    workflow_id: UUID | None = None,
-    step_id: UUID | None = None,
-    agent_id: UUID | None = None,
-    data: dict[str, Any] | None = None,
-    seq: int | None = None,
-) -> Event:
-    """Append an event; pass `seq` only when the caller has already allocated it."""
-    if workflow_id is not None and seq is None:
-        seq = _next_seq(workflow_id)
-    event = Event.objects.create(
-        workflow_id=workflow_id, seq=seq, kind=kind, step_id=step_id, agent_id=agent_id, data=data or {}
-    )
-    return event_published(event)
 
 
 def event_published(event: Event) -> Event:
@@ -174,11 +144,3 @@ def publish_event(event: Event) -> None:
     groups = ([workflow_group(event.workflow_id)] if event.workflow_id else []) + [OVERVIEW_GROUP]
     publisher.submit([(group, message) for group in groups])
 
-
-def event_record_many(events: list[Event]) -> list[Event]:
-    """Insert events whose `seq` the caller allocated; publish them, in order, after commit."""
-    if not events:
-        return events
-    created = Event.objects.bulk_create(events)
-    transaction.on_commit(lambda: [publish_event(event) for event in created])
-    return created

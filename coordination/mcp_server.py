@@ -10,12 +10,15 @@ that says what went wrong and what to do next.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import time
 from typing import Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
@@ -25,9 +28,10 @@ from mcp.server.transport_security import TransportSecuritySettings
 from rest_framework import serializers as drf_serializers
 from rest_framework.renderers import JSONRenderer
 
-from coordination import services
-from coordination.errors import ServiceError
-from coordination.models import Agent, Step, StepStatus, Workflow
+from coordination import db_errors
+from coordination.errors import NotFound, ServiceError
+from coordination.models import Agent, Workflow
+from coordination.services import agent_registry, file_locks, leases, pull, reports, tokens
 
 # What to do next, by error code: appended to the service's own message.
 NEXT_STEP = {
@@ -37,6 +41,8 @@ NEXT_STEP = {
     "not_found": "Check the id: use the one pull_step or acquire_locks returned.",
     "forbidden": "Use only steps, locks and roles that are yours.",
     "invalid_request": "Fix the arguments and call again.",
+    "busy": "Call again in a few seconds.",
+    "database_unavailable": "Call again in a few seconds.",
 }
 
 
@@ -72,13 +78,25 @@ async def _call(function, *args, **kwargs):
         raise _refuse(error) from None
     except drf_serializers.ValidationError as error:
         raise _invalid(error.detail) from None
+    except (OperationalError, InterfaceError) as error:
+        raise _refuse(await database_sync_to_async(db_errors.explain)(error)) from None
+
+
+# The agent `MCPApp` found for this request's token (the token, the agent or None), so the SDK's check
+# does not look it up a second time.
+_checked_token: contextvars.ContextVar[tuple[str, Agent | None] | None] = contextvars.ContextVar(
+    "am_mcp_checked_token", default=None)
 
 
 class AgentTokenVerifier:
     """The agent bearer tokens of `/v1`; a disabled agent's token is refused."""
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        agent = await database_sync_to_async(_agent_for_token)(token)
+        checked = _checked_token.get()
+        if checked is not None and checked[0] == token:
+            agent = checked[1]
+        else:
+            agent = await database_sync_to_async(_agent_for_token)(token)
         if agent is None:
             return None
         return AccessToken(token=token, client_id=str(agent.id), scopes=["agent"], subject=agent.name)
@@ -87,10 +105,10 @@ class AgentTokenVerifier:
 def _agent_for_token(token: str) -> Agent | None:
     from coordination.api.auth import agent_by_token_hash
 
-    agent = agent_by_token_hash(services.token_hash(token))
+    agent = agent_by_token_hash(tokens.token_hash(token))
     if agent is None or not agent.enabled:
         return None
-    services.agent_seen(agent=agent)
+    agent_registry.agent_seen(agent=agent)
     return agent
 
 
@@ -114,16 +132,9 @@ mcp = MCPServer(
 
 def _pull(role: str, wait_s: float) -> dict | None:
     from coordination.api import serializers as s
-    from coordination.api.views import MAX_WAIT_S, _ROLE_RE, pull_waiting
 
     agent = _agent()
-    roles = list(dict.fromkeys(r.strip() for r in role.split(",") if r.strip()))
-    bad = [r for r in roles if not _ROLE_RE.match(r)] or ([] if roles else [role])
-    if bad:
-        raise services.InvalidRequest(f"{bad[0]!r} is not a valid role: a slug of a-z, 0-9, '_' and '-'.")
-    if not 0 <= wait_s <= MAX_WAIT_S:
-        raise services.InvalidRequest(f"wait_s={wait_s} is out of range: give seconds from 0 to {MAX_WAIT_S}.")
-    lease = pull_waiting(agent=agent, roles=roles, wait=wait_s)
+    lease = pull.pull_waiting(agent=agent, roles=pull.parse_pull_roles(role), wait=pull.parse_wait(wait_s))
     return _plain(s.PullOutSerializer(s.pull_payload(lease)).data) if lease else None
 
 
@@ -146,7 +157,7 @@ def _heartbeat(step_id: str, lease_token: str, iterations: list) -> dict:
 
     body = s.HeartbeatInSerializer(data={"lease_token": lease_token, "iterations": iterations})
     body.is_valid(raise_exception=True)
-    result = services.step_heartbeat(step_id=UUID(step_id), agent=_agent(),
+    result = leases.step_heartbeat(step_id=UUID(step_id), agent=_agent(),
                                      lease_token=body.validated_data["lease_token"],
                                      iterations=s.to_iterations(body.validated_data["iterations"]))
     return _plain(s.HeartbeatOutSerializer(result).data)
@@ -170,7 +181,7 @@ def _report(payload: dict) -> dict:
 
     body = s.ReportInSerializer(data=payload)
     body.is_valid(raise_exception=True)
-    result = services.step_report(step_id=body.validated_data["step_id"], agent=_agent(),
+    result = reports.step_report(step_id=body.validated_data["step_id"], agent=_agent(),
                                   lease_token=body.validated_data["lease_token"], outcome=body.to_outcome())
     return _plain(s.ReportOutSerializer(result).data)
 
@@ -197,15 +208,14 @@ async def report_result(step_id: str, lease_token: str, status: str, final_resul
 
 def _acquire(payload: dict) -> dict:
     from coordination.api import serializers as s
-    from coordination.api.views import release_connection
 
     body = s.LockInSerializer(data=payload)
     body.is_valid(raise_exception=True)
     data = body.validated_data
-    locks = services.locks_acquire(
+    locks = file_locks.locks_acquire(
         agent=_agent(), paths=data["paths"], mode=data["mode"], project_name=data.get("project"),
         step_id=data.get("step_id"), lease_token=data.get("lease_token"), ttl_s=data.get("ttl_s"),
-        wait_s=data["wait_s"], release_connection=release_connection)
+        wait_s=data["wait_s"], release_connection=pull.release_idle_connection)
     from coordination import selectors
 
     return _plain(s.LockListSerializer({"locks": selectors.locks_by_id([lock.id for lock in locks])}).data)
@@ -231,7 +241,7 @@ async def acquire_locks(paths: list[str], mode: str = "write", ttl_s: int | None
 
 def _release(ids: list[str]) -> dict:
     agent = _agent()
-    released = [str(services.lock_release(lock_id=UUID(lock_id), agent=agent).id) for lock_id in ids]
+    released = [str(file_locks.lock_release(lock_id=UUID(lock_id), agent=agent).id) for lock_id in ids]
     return {"released": released}
 
 
@@ -250,7 +260,7 @@ def _status(workflow_id: str) -> dict:
 
     workflow = Workflow.objects.filter(id=UUID(workflow_id)).first()
     if workflow is None:
-        raise services.NotFound(f"Workflow {workflow_id} does not exist.")
+        raise NotFound(f"Workflow {workflow_id} does not exist.")
     return _plain(s.WorkflowStatusSerializer(workflow).data)
 
 
@@ -264,8 +274,7 @@ async def workflow_status(workflow_id: str) -> dict:
 
 
 def _ready(role: str) -> dict:
-    steps = (Step.objects.filter(status=StepStatus.READY, role=role, workflow__status="running")
-             .select_related("workflow").order_by("-workflow_priority", "-priority", "available_at")[:50])
+    steps = pull.steps_pullable(agent=_agent(), roles=pull.parse_pull_roles(role))
     return {"role": role, "steps": [
         {"id": str(step.id), "key": step.key, "name": step.name, "workflow": step.workflow.name,
          "workflow_id": str(step.workflow_id), "files": step.files} for step in steps]}
@@ -273,11 +282,11 @@ def _ready(role: str) -> dict:
 
 @mcp.tool()
 async def list_ready(role: str) -> dict:
-    """Steps of a role that are ready to be pulled now (the first 50, in the order pull_step hands them out).
+    """Steps of your role (or several roles, comma-separated) that pull_step could hand you now: the first 50,
+    in the order pull_step hands them out (steps waiting out a retry backoff are not listed).
 
-    Only a look: pull_step is what takes one.
+    Only a look: pull_step is what takes one, and may pass over a step whose files another agent has locked.
     """
-    await _call(_agent)
     return await _call(_ready, role)
 
 
@@ -297,7 +306,7 @@ def _workflow_document(workflow_id: str) -> str:
 
     workflow = Workflow.objects.filter(id=UUID(workflow_id)).first()
     if workflow is None:
-        raise services.NotFound(f"Workflow {workflow_id} does not exist.")
+        raise NotFound(f"Workflow {workflow_id} does not exist.")
     steps, deps = selectors.workflow_steps(workflow=workflow)
     return json.dumps({
         **_plain(s.WorkflowStatusSerializer(workflow).data),
@@ -354,13 +363,88 @@ class MCPApp:
         self._started: asyncio.Event | None = None
 
     async def __call__(self, scope, receive, send) -> None:
+        """The same guarantees as the REST API: `Server-Timing`, the body limit (`413 too_large`), and a `503`
+        that says whether the server is busy or PostgreSQL unreachable when the token cannot be checked."""
         if self._started is None:
             self._started = asyncio.Event()
             asyncio.get_running_loop().create_task(self._run())
         await self._started.wait()
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                took = f"app;dur={(time.perf_counter() - started) * 1000:.1f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", took)]}
+            await send(message)
+
+        body = await _read_body(receive, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        if body is None:
+            await _json_response(timed_send, 413, {
+                "error": "too_large",
+                "detail": "The request body is larger than the server accepts (AM_MAX_BODY_BYTES)."})
+            return
+        token = _bearer(scope)
+        if token:
+            try:
+                _checked_token.set((token, await database_sync_to_async(_agent_for_token)(token)))
+            except (OperationalError, InterfaceError) as error:
+                answer = await database_sync_to_async(db_errors.explain)(error)
+                await _json_response(timed_send, answer.status, answer.as_dict(), retry_after=True)
+                return
+        await self.app(scope, _replay(body, receive), timed_send)
 
     async def _run(self) -> None:
         async with mcp.session_manager.run():
             self._started.set()
             await asyncio.Event().wait()
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None when it is larger than `limit` (MCP messages are small JSON)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that gives the body read already, then waits on the client as usual (disconnects)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _bearer(scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+async def _json_response(send, status: int, payload: dict, *, retry_after: bool = False) -> None:
+    headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+    if retry_after:
+        headers.append((b"retry-after", b"2"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+

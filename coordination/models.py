@@ -4,7 +4,7 @@ Invariants live in the database wherever PostgreSQL can hold them (check and
 unique constraints, partial indexes), so that no code path, however it reaches
 the tables, can store a state the rest of the system cannot handle.
 Models carry no behaviour beyond small derived properties: every write goes
-through `coordination/services.py`.
+through `coordination/services/`.
 """
 
 import uuid

@@ -7,7 +7,8 @@ from uuid import UUID
 from celery import shared_task
 from django.utils import timezone
 
-from coordination import selectors, services
+from coordination import selectors
+from coordination.services import audits, file_locks, leases, workflow_creation, workflow_specs
 from coordination.errors import InvalidState, InvalidWorkflow
 from coordination.llm import server_llm
 from coordination.models import Agent, AuditStatus, Workflow, WorkflowStatus
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 @shared_task(name="coordination.tasks.sweep_expired", ignore_result=True)
 def sweep_expired() -> dict[str, int]:
     """Expire leases and file locks past their end (Celery beat, every AM_SWEEP_INTERVAL_S)."""
-    return {"leases": services.leases_sweep(), "locks": services.locks_sweep()}
+    return {"leases": leases.leases_sweep(), "locks": file_locks.locks_sweep()}
 
 
 @shared_task(name="coordination.tasks.resend_stalled", ignore_result=True)
@@ -36,15 +37,15 @@ def resend_stalled() -> dict[str, int]:
     return {"planning": len(planning), "audits": len(audits)}
 
 
-def _spec_from_plan(plan: dict) -> tuple[services.StepSpec, ...]:
+def _spec_from_plan(plan: dict) -> tuple[workflow_specs.StepSpec, ...]:
     return tuple(
-        services.StepSpec(
+        workflow_specs.StepSpec(
             key=str(step.get("key", "")),
             name=str(step.get("name") or step.get("key", "")),
             role=str(step.get("role", "")),
             description=str(step.get("description", "")),
             depends_on=tuple(str(dep) for dep in step.get("depends_on") or []),
-            files=tuple(services.FileSpec(path=str(f.get("path", "")), mode=str(f.get("mode", "write")))
+            files=tuple(workflow_specs.FileSpec(path=str(f.get("path", "")), mode=str(f.get("mode", "write")))
                         for f in step.get("files") or [] if isinstance(f, dict)),
         )
         for step in plan.get("steps", [])
@@ -63,13 +64,13 @@ def plan_workflow(workflow_id: str) -> str:
     roles = sorted({role for roles in Agent.objects.filter(enabled=True).values_list("roles", flat=True)
                     for role in roles})
     if not roles:
-        services.workflow_plan_failed(workflow_id=workflow.id, reason=(
+        workflow_creation.workflow_plan_failed(workflow_id=workflow.id, reason=(
             "No enabled agent is registered, so there are no roles to plan for: create agents first "
             "(manage.py create_agent) and submit the goal again."))
         return "failed"
     llm = server_llm()
     if llm is None:
-        services.workflow_plan_failed(workflow_id=workflow.id, reason=(
+        workflow_creation.workflow_plan_failed(workflow_id=workflow.id, reason=(
             "The server has no LLM to plan with: set AM_LLM=openai (with AM_LLM_BASE_URL and AM_LLM_MODEL), "
             "or submit the steps yourself."))
         return "failed"
@@ -79,11 +80,11 @@ def plan_workflow(workflow_id: str) -> str:
             proposal, usage = plan(llm, goal=workflow.goal, roles=roles, name=workflow.name,
                                    previous=previous, problems=problems)
         except LLMError as exc:
-            services.workflow_plan_failed(workflow_id=workflow.id, reason=f"The planner's LLM failed: {exc}")
+            workflow_creation.workflow_plan_failed(workflow_id=workflow.id, reason=f"The planner's LLM failed: {exc}")
             return "failed"
         steps = _spec_from_plan(proposal)
-        problems = services.workflow_validate(
-            services.WorkflowSpec(name=workflow.name, project=workflow.project.name, steps=steps))
+        problems = workflow_specs.workflow_validate(
+            workflow_specs.WorkflowSpec(name=workflow.name, project=workflow.project.name, steps=steps))
         problems += [
             {"code": "unknown_role", "detail": f"Step {s.key!r} has role {s.role!r}, which no agent holds "
                                                f"(roles: {', '.join(roles)}).", "step": s.key}
@@ -91,13 +92,13 @@ def plan_workflow(workflow_id: str) -> str:
         ]
         if not problems:
             try:
-                services.workflow_plan_apply(workflow_id=workflow.id, steps=steps, usage=usage.as_dict())
+                workflow_creation.workflow_plan_apply(workflow_id=workflow.id, steps=steps, usage=usage.as_dict())
             except (InvalidState, InvalidWorkflow) as exc:
                 logger.warning("Plan for %s not applied: %s", workflow_id, exc)
                 return "skipped"
             return "planned"
         previous = proposal
-    services.workflow_plan_failed(
+    workflow_creation.workflow_plan_failed(
         workflow_id=workflow.id,
         reason="The planner's graph was invalid twice: " + "; ".join(p["detail"] for p in problems[:5]),
     )
@@ -130,7 +131,7 @@ def audit_workflow(workflow_id: str) -> str:
         suggestions += [s for s in review.get("rework_suggestions", []) if s.get("step")]
     feedback = (review or {}).get("feedback") or (
         "All checks passed." if not failed_checks else " ".join(c["detail"] for c in failed_checks))
-    report = services.audit_record(workflow_id=workflow.id, findings=services.AuditFindings(
+    report = audits.audit_record(workflow_id=workflow.id, findings=audits.AuditFindings(
         successful=successful, feedback=feedback, rework_suggestions=suggestions,
         confidence=float((review or {}).get("confidence", 1.0 if not failed_checks else 0.5)),
         criteria=(review or {}).get("criteria") or [c["name"] for c in checks],
@@ -146,5 +147,5 @@ def audit_workflow(workflow_id: str) -> str:
                 source = getattr(llm, "model", None) or llm.name
             except LLMError as exc:
                 logger.warning("Synthesis by LLM failed for %s (%s); concatenating results.", workflow_id, exc)
-        services.workflow_set_synthesis(workflow_id=workflow.id, synthesis=synthesis, source=source)
+        audits.workflow_set_synthesis(workflow_id=workflow.id, synthesis=synthesis, source=source)
     return "passed" if report.successful else "failed"

@@ -8,7 +8,8 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from coordination import selectors, services
+from coordination import selectors
+from coordination.services import pull
 from coordination.models import Attempt, Event, FileLock, Result, Step, Workflow
 
 DAG_MAX_STEPS = 300
@@ -125,7 +126,7 @@ def step(step: Step) -> dict:
     return {
         "step": step,
         "workflow": step.workflow,
-        "inputs": services.step_inputs(step),
+        "inputs": pull.step_inputs(step),
         "depends_on": sorted(step.depends_on.values_list("key", flat=True)),
         "attempts": attempts,
         "current": current,

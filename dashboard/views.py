@@ -15,7 +15,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from coordination import selectors, services
+from coordination import selectors
+from coordination.services import file_locks, reports, workflow_control, workflow_creation
 from coordination.api.serializers import WorkflowInSerializer
 from coordination.errors import NotFound, ServiceError
 from coordination.models import WorkflowStatus
@@ -51,7 +52,7 @@ def workflow_page(request: HttpRequest, workflow_id: UUID) -> TemplateResponse:
 @login_required
 @require_POST
 def workflow_action(request: HttpRequest, workflow_id: UUID, action: str) -> HttpResponse:
-    actions = {"pause": services.workflow_pause, "resume": services.workflow_resume, "cancel": services.workflow_cancel}
+    actions = {"pause": workflow_control.workflow_pause, "resume": workflow_control.workflow_resume, "cancel": workflow_control.workflow_cancel}
     if action not in actions:
         raise Http404("No such action.")
     try:
@@ -73,7 +74,7 @@ def step_page(request: HttpRequest, step_id: UUID) -> TemplateResponse:
 def step_retry(request: HttpRequest, step_id: UUID) -> HttpResponse:
     step = _get_or_404(selectors.step_get, step_id=step_id)
     try:
-        services.step_retry(step_id=step_id, user=request.user)
+        workflow_control.step_retry(step_id=step_id, user=request.user)
         messages.success(request, f"Step {step.key} is back in the queue.")
     except ServiceError as exc:
         messages.error(request, exc.detail)
@@ -89,7 +90,7 @@ def step_decide(request: HttpRequest, step_id: UUID) -> HttpResponse:
         messages.error(request, "Choose Approve or Reject.")
     else:
         try:
-            services.step_decide(step_id=step_id, user=request.user, approve=decision == "approve",
+            reports.step_decide(step_id=step_id, user=request.user, approve=decision == "approve",
                                  comment=request.POST.get("comment", "")[:5000])
             messages.success(request, f"Step {step.key} {'approved' if decision == 'approve' else 'rejected'}.")
         except ServiceError as exc:
@@ -113,7 +114,7 @@ def lock_release(request: HttpRequest, lock_id: UUID) -> HttpResponse:
     if not request.user.is_staff:
         raise PermissionDenied("Only staff may force-release a lock.")
     try:
-        lock = services.lock_release(lock_id=lock_id, user=request.user)
+        lock = file_locks.lock_release(lock_id=lock_id, user=request.user)
         messages.success(request, f"Released the lock on {lock.path}.")
     except NotFound as exc:
         raise Http404(exc.detail) from None
@@ -152,7 +153,7 @@ def submit_page(request: HttpRequest) -> TemplateResponse:
                 errors["graph" if form["graph"] else "goal"] = _flatten(serializer.errors)
             else:
                 try:
-                    workflow = services.workflow_create(spec=serializer.to_spec(), user=request.user)
+                    workflow = workflow_creation.workflow_create(spec=serializer.to_spec(), user=request.user)
                 except ServiceError as exc:
                     errors["graph" if form["graph"] else "goal"] = [p["detail"] for p in exc.extra.get("errors", [])] or [exc.detail]
                 else:

@@ -35,22 +35,22 @@ def drill(name: str):
 def _workflow(name: str, steps: int, *, roles=("developer", "tester"), layer: int = 0, lease_ttl_s: int = 4,
               max_attempts: int = 20, files: bool = False):
     """`steps` steps over `roles`; with `layer`, step i depends on step i - layer (a DAG that opens as it goes)."""
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
     specs = []
     for i in range(steps):
         deps = (f"s{i - layer}",) if layer and i >= layer else ()
-        file_specs = (services.FileSpec(path=f"out/s{i}.txt", mode="write"),) if files else ()
-        specs.append(services.StepSpec(key=f"s{i}", name=f"step {i}", role=roles[i % len(roles)], depends_on=deps,
+        file_specs = (workflow_specs.FileSpec(path=f"out/s{i}.txt", mode="write"),) if files else ()
+        specs.append(workflow_specs.StepSpec(key=f"s{i}", name=f"step {i}", role=roles[i % len(roles)], depends_on=deps,
                                        lease_ttl_s=lease_ttl_s, files=file_specs))
-    return services.workflow_create(spec=services.WorkflowSpec(name=name, steps=tuple(specs),
+    return workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(name=name, steps=tuple(specs),
                                                               max_attempts=max_attempts))
 
 
 def _agents(count: int, roles=("developer", "tester"), capacity: int = 2, prefix: str = "agent"):
-    from coordination import services
+    from coordination.services import agent_registry, workflow_creation, workflow_specs
 
-    return [(f"{prefix}-{i}", services.agent_create(name=f"{prefix}-{i}", roles=list(roles), capacity=capacity)[1])
+    return [(f"{prefix}-{i}", agent_registry.agent_create(name=f"{prefix}-{i}", roles=list(roles), capacity=capacity)[1])
             for i in range(count)]
 
 

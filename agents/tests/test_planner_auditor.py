@@ -2,7 +2,9 @@
 
 import pytest
 
-from coordination import services, tasks
+from agents.llm.base import Usage
+from coordination import tasks
+from coordination.services import leases, pull, reports, workflow_creation, workflow_specs
 from coordination.models import AuditReport, Step, Workflow
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import step, workflow_spec
@@ -32,7 +34,7 @@ def team(db):
 
 
 def _goal() -> Workflow:
-    workflow = services.workflow_create(spec=services.WorkflowSpec(name="Goal", goal="Explain fencing tokens"))
+    workflow = workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(name="Goal", goal="Explain fencing tokens"))
     assert workflow.status == "planning"
     return workflow
 
@@ -87,17 +89,17 @@ class PlannerTests:
 
 def _complete(workflow, agent, results: dict[str, str]) -> None:
     while True:
-        lease = services.step_pull(agent=agent.agent, roles=["developer"])
-        if not isinstance(lease, services.Lease):
+        lease = pull.step_pull(agent=agent.agent, roles=["developer"])
+        if not isinstance(lease, pull.Lease):
             return
-        services.step_report(step_id=lease.step.id, agent=agent.agent, lease_token=lease.token,
-                             outcome=services.Outcome(status="completed", final_result=results[lease.step.key]))
+        reports.step_report(step_id=lease.step.id, agent=agent.agent, lease_token=lease.token,
+                             outcome=reports.Outcome(status="completed", final_result=results[lease.step.key]))
 
 
 class AuditTests:
     def test_a_good_workflow_passes_and_gets_a_synthesis(self, settings, developer):
         settings.AM_LLM = "none"
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Good", goal="Ship it"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Good", goal="Ship it"))
         _complete(workflow, developer, {"A": "part one", "B": "part two"})
         workflow.refresh_from_db()
         assert workflow.status == "completed" and workflow.audit_status == "pending"
@@ -111,7 +113,7 @@ class AuditTests:
         assert "part one" in workflow.synthesis and workflow.synthesis.index("part one") < workflow.synthesis.index("part two")
 
     def test_a_failed_audit_sends_steps_back_for_one_round_then_passes(self, server_llm, developer, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
             step("A"), step("B", "A"), step("C"), name="Weak", goal="Ship it", max_rework_rounds=1))
         _complete(workflow, developer, {"A": "solid", "B": "thin", "C": "fine"})
         server_llm.reply_json({"successful": False, "feedback": "B lacks evidence.",
@@ -122,13 +124,13 @@ class AuditTests:
         assert workflow.status == "running" and workflow.rework_round == 1 and workflow.audit_status == "failed"
         statuses = dict(Step.objects.filter(workflow=workflow).values_list("key", "status"))
         assert statuses == {"A": "ready", "B": "pending", "C": "completed"}
-        lease = services.step_pull(agent=developer.agent, roles=["developer"])
+        lease = pull.step_pull(agent=developer.agent, roles=["developer"])
         assert lease.step.key == "A"
         assert lease.inputs["_audit"]["feedback"] == "B lacks evidence."
         assert lease.inputs["_audit"]["reason"] == "Cite sources."
         assert lease.inputs["_audit"]["previous_result"] == "solid"
-        services.step_report(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token,
-                             outcome=services.Outcome(status="completed", final_result="solid, with sources"))
+        reports.step_report(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token,
+                             outcome=reports.Outcome(status="completed", final_result="solid, with sources"))
         _complete(workflow, developer, {"B": "thick"})
         workflow.refresh_from_db()
         assert workflow.status == "completed"
@@ -144,7 +146,7 @@ class AuditTests:
         assert owner_client.get(f"/v1/workflows/{workflow.id}").json()["synthesis"] == "Shipped, with sources."
 
     def test_rework_rounds_are_bounded(self, server_llm, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="W", max_rework_rounds=0))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="W", max_rework_rounds=0))
         _complete(workflow, developer, {"A": "x"})
         server_llm.reply_json({"successful": False, "feedback": "no", "confidence": 0.5,
                                "rework_suggestions": [{"step": "A", "reason": "again"}]})
@@ -154,7 +156,7 @@ class AuditTests:
         assert workflow.status == "completed" and workflow.audit_status == "failed" and workflow.rework_round == 0
 
     def test_an_audit_can_be_requested(self, owner_client, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="W"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="W"))
         assert owner_client.post(f"/v1/workflows/{workflow.id}/audits").status_code == 409
         _complete(workflow, developer, {"A": "x"})
         response = owner_client.post(f"/v1/workflows/{workflow.id}/audits")
@@ -163,18 +165,18 @@ class AuditTests:
 
 class BudgetTests:
     def test_reaching_the_budget_pauses_the_workflow_and_tells_agents(self, developer, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C", "A"), name="B",
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C", "A"), name="B",
                                                                budget_tokens=100))
-        first = services.step_pull(agent=developer.agent, roles=["developer"])
-        second = services.step_pull(agent=developer.agent, roles=["developer"])
-        answer = services.step_report(step_id=first.step.id, agent=developer.agent, lease_token=first.token,
-                                      outcome=services.Outcome(status="completed", final_result="x",
-                                                               usage=services.Usage(prompt_tokens=80, completion_tokens=30)))
+        first = pull.step_pull(agent=developer.agent, roles=["developer"])
+        second = pull.step_pull(agent=developer.agent, roles=["developer"])
+        answer = reports.step_report(step_id=first.step.id, agent=developer.agent, lease_token=first.token,
+                                      outcome=reports.Outcome(status="completed", final_result="x",
+                                                               usage=Usage(prompt_tokens=80, completion_tokens=30)))
         assert answer["workflow_status"] == "paused"
         workflow.refresh_from_db()
         assert workflow.status == "paused" and workflow.paused_reason == "budget: used 110 of 100 tokens"
-        beat = services.step_heartbeat(step_id=second.step.id, agent=developer.agent, lease_token=second.token)
+        beat = leases.step_heartbeat(step_id=second.step.id, agent=developer.agent, lease_token=second.token)
         assert beat["cancel"] is True
         status = owner_client.get(f"/v1/workflows/{workflow.id}/status").json()
         assert status["spent"] == {"usd": 0.0, "tokens": 110} and status["budget"]["tokens"] == 100
-        assert isinstance(services.step_pull(agent=developer.agent, roles=["developer"]), services.PullMiss)
+        assert isinstance(pull.step_pull(agent=developer.agent, roles=["developer"]), pull.PullMiss)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordination import services
+from coordination.services import leases, workflow_control, workflow_creation
 from coordination.models import Attempt, AttemptOutcome, Iteration, Result, Step, Workflow
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import step, workflow_spec
@@ -47,7 +47,7 @@ def _wait_for(predicate, timeout=60, every=0.2, sweep=False):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if sweep:
-            services.leases_sweep()
+            leases.leases_sweep()
         if predicate():
             return True
         time.sleep(every)
@@ -56,7 +56,7 @@ def _wait_for(predicate, timeout=60, every=0.2, sweep=False):
 
 class WorkerTests:
     def test_several_workers_complete_a_multi_role_workflow(self, live_am, tmp_path):
-        workflow = services.workflow_create(spec=workflow_spec(
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
             step("scope", role="researcher", files=(("research/scope.md", "write"),)),
             step("market", "scope", role="analyst", files=(("research/market.md", "write"),)),
             step("users", "scope", role="researcher", files=(("research/users.md", "write"),)),
@@ -90,7 +90,7 @@ class WorkerTests:
         assert "▶ Team work / report (writer)" in log and "✔ Team work / report (writer)  completed in" in log
 
     def test_a_killed_worker_loses_its_lease_and_another_finishes_the_step(self, live_am, tmp_path):
-        workflow = services.workflow_create(spec=workflow_spec(step("slow", lease_ttl_s=5), name="Crash"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("slow", lease_ttl_s=5), name="Crash"))
         doomed = make_agent("doomed", ["developer"])
         rescuer = make_agent("rescuer", ["developer"])
         first = WorkerProcess(live_am, doomed, tmp_path / "a", tmp_path / "doomed.log", delay=1.5)
@@ -113,7 +113,7 @@ class WorkerTests:
         assert Result.objects.get(step__workflow=workflow).attempt.agent.name == "rescuer"
 
     def test_a_worker_that_gets_409_drops_its_result(self, live_am, tmp_path):
-        workflow = services.workflow_create(spec=workflow_spec(step("taken", lease_ttl_s=30), name="Stale"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("taken", lease_ttl_s=30), name="Stale"))
         agent = make_agent("zombie", ["developer"])
         worker = WorkerProcess(live_am, agent, tmp_path / "z", tmp_path / "zombie.log", delay=1.0)
         try:
@@ -121,7 +121,7 @@ class WorkerTests:
             # The lease is taken away behind the worker's back (as if it had expired and been swept).
             step_row = Step.objects.get(workflow=workflow)
             Step.objects.filter(id=step_row.id).update(lease_expires_at=step_row.lease_expires_at.replace(year=2000))
-            services.leases_sweep()
+            leases.leases_sweep()
             Workflow.objects.filter(id=workflow.id)  # the step is ready again for anyone
             assert _wait_for(lambda: "lease lost" in worker.output(), timeout=30), worker.output()
         finally:
@@ -130,12 +130,12 @@ class WorkerTests:
         assert "dropping the work" in worker.output()
 
     def test_a_cancelled_workflow_stops_the_worker_which_reports_nothing(self, live_am, tmp_path):
-        workflow = services.workflow_create(spec=workflow_spec(step("long", lease_ttl_s=6), name="Cancel me"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("long", lease_ttl_s=6), name="Cancel me"))
         agent = make_agent("obedient", ["developer"])
         worker = WorkerProcess(live_am, agent, tmp_path / "c", tmp_path / "obedient.log", delay=1.0)
         try:
             assert _wait_for(lambda: Iteration.objects.filter(attempt__step__workflow=workflow).exists(), timeout=30)
-            services.workflow_cancel(workflow_id=workflow.id)
+            workflow_control.workflow_cancel(workflow_id=workflow.id)
             # It learns it from its heartbeat (cancel: true) or from a refused lock, whichever comes first.
             assert _wait_for(lambda: "the server asked to stop" in worker.output()
                              or "dropping the work" in worker.output(), timeout=30), worker.output()

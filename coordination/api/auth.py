@@ -8,10 +8,10 @@ tokens, so views can tell the two kinds of caller apart.
 import hmac
 
 from django.db import connection
-from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
-from coordination import rows, services
+from coordination import rows
+from coordination.services import agent_registry, tokens
 from coordination.models import Agent, UserToken
 
 
@@ -35,15 +35,16 @@ class AgentUser:
         return self.get_username()
 
 
-_AGENT_BY_TOKEN_SQL = f"SELECT {rows.select_list(Agent, 'a')} FROM coordination_agent a WHERE a.token_hash = %s"
+# Plain SQL: every agent request asks, and the ORM would compile the query each time.
+AGENT_BY_TOKEN_SQL = f"SELECT {rows.select_list(Agent, 'a')} FROM coordination_agent a WHERE a.token_hash = %(hash)s"
 
 
 def agent_by_token_hash(hashed: str) -> Agent | None:
-    """The agent with this token hash (every agent request asks: plain SQL, no query compilation)."""
+    """The agent with this token hash."""
     with connection.cursor() as cursor:
-        cursor.execute(_AGENT_BY_TOKEN_SQL, [hashed])
-        row = cursor.fetchone()
-    return rows.from_row(Agent, row) if row is not None else None
+        cursor.execute(AGENT_BY_TOKEN_SQL, {"hash": hashed})
+        row = rows.fetch_named(cursor)
+    return rows.from_named(Agent, row, "a") if row is not None else None
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):
@@ -61,20 +62,18 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             token = header[1].decode("ascii")
         except UnicodeDecodeError:
             raise exceptions.AuthenticationFailed("The token contains characters a token never has.") from None
-        hashed = services.token_hash(token)
+        hashed = tokens.token_hash(token)
         agent = agent_by_token_hash(hashed)
         if agent is not None and hmac.compare_digest(agent.token_hash, hashed):
             if not agent.enabled:
                 raise exceptions.AuthenticationFailed(f"Agent {agent.name!r} is disabled; ask an administrator to enable it.")
-            services.agent_seen(agent=agent)
+            agent_registry.agent_seen(agent=agent)
             return AgentUser(agent), agent
         user_token = UserToken.objects.select_related("user").filter(token_hash=hashed).first()
         if user_token is not None and hmac.compare_digest(user_token.token_hash, hashed):
             if not user_token.user.is_active:
                 raise exceptions.AuthenticationFailed("This token's user is inactive.")
-            now = timezone.now()
-            if user_token.last_used_at is None or (now - user_token.last_used_at).total_seconds() > 60:
-                UserToken.objects.filter(id=user_token.id).update(last_used_at=now)
+            tokens.user_token_used(user_token=user_token)
             return user_token.user, user_token
         raise exceptions.AuthenticationFailed("Unknown token: check the value, or create a new agent token.")
 

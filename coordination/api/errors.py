@@ -8,6 +8,7 @@ from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
+from coordination import db_errors
 from coordination.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ def _response(code: str, detail: str, http_status: int, **extra) -> Response:
 
 def exception_handler(exc, context):
     if isinstance(exc, ServiceError):
-        return _response(exc.code, exc.detail, exc.status, **exc.extra)
+        response = _response(exc.code, exc.detail, exc.status, **exc.extra)
+        if exc.status == 503:
+            response["Retry-After"] = "2"
+        return response
     if isinstance(exc, Http404):
         return _response("not_found", "Nothing exists at this address: check the id.", 404)
     if isinstance(exc, RequestDataTooBig):
@@ -63,12 +67,11 @@ def exception_handler(exc, context):
             response["WWW-Authenticate"] = exc.auth_header
         return response
     if isinstance(exc, (OperationalError, InterfaceError)):
-        logger.warning("Database unavailable: %s", exc)
-        return _response(
-            "database_unavailable",
-            "PostgreSQL is unreachable; nothing was changed. Retry in a few seconds.",
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-        )
+        answer = db_errors.explain(exc)
+        logger.warning("%s: %s", answer.code, exc)
+        response = _response(answer.code, answer.detail, answer.status, **answer.extra)
+        response["Retry-After"] = "2"
+        return response
     if isinstance(exc, DatabaseError):
         logger.exception("Database error")
         return _response("database_error", "The database refused the request; nothing was changed.", 500)

@@ -8,8 +8,9 @@ from decimal import Decimal
 from django.conf import settings
 from rest_framework import serializers
 
-from coordination import services
+from agents.llm.base import Usage
 from coordination.models import LockMode
+from coordination.services import leases, pull, reports, workflow_specs
 
 MAX_TEXT = 1_000_000
 
@@ -150,10 +151,10 @@ class WorkflowInSerializer(StrictSerializer):
             raise serializers.ValidationError("Give either steps, or a goal for the planner.")
         return data
 
-    def to_spec(self) -> services.WorkflowSpec:
+    def to_spec(self) -> workflow_specs.WorkflowSpec:
         data = self.validated_data
         budget = data.get("budget") or {}
-        return services.WorkflowSpec(
+        return workflow_specs.WorkflowSpec(
             name=data["name"],
             project=data["project"],
             goal=data["goal"],
@@ -164,13 +165,13 @@ class WorkflowInSerializer(StrictSerializer):
             budget_tokens=budget.get("tokens"),
             metadata=data["metadata"],
             steps=tuple(
-                services.StepSpec(
+                workflow_specs.StepSpec(
                     key=step["key"],
                     name=step.get("name") or step["key"],
                     role=step["role"],
                     description=step["description"],
                     depends_on=tuple(step["depends_on"]),
-                    files=tuple(services.FileSpec(path=f["path"], mode=f["mode"]) for f in step["files"]),
+                    files=tuple(workflow_specs.FileSpec(path=f["path"], mode=f["mode"]) for f in step["files"]),
                     priority=step["priority"],
                     max_attempts=step.get("max_attempts"),
                     lease_ttl_s=step.get("lease_ttl_s"),
@@ -189,9 +190,9 @@ class IterationSerializer(StrictSerializer):
     )
 
 
-def to_iterations(items) -> list[services.IterationIn]:
+def to_iterations(items) -> list[leases.IterationIn]:
     return [
-        services.IterationIn(index=i["iteration"], thought=i["thought"], action=i["action"], observation=i["observation"])
+        leases.IterationIn(index=i["iteration"], thought=i["thought"], action=i["action"], observation=i["observation"])
         for i in items
     ]
 
@@ -227,15 +228,15 @@ class ReportInSerializer(StrictSerializer):
     error = StrictCharField(max_length=MAX_TEXT, required=False, allow_null=True, allow_blank=True)
     retryable = StrictBooleanField(required=False, default=False)
 
-    def to_outcome(self) -> services.Outcome:
+    def to_outcome(self) -> reports.Outcome:
         data = self.validated_data
         usage = data.get("usage") or {}
-        return services.Outcome(
+        return reports.Outcome(
             status=data["status"],
             final_result=data["final_result"],
             outputs=data["outputs"],
             iterations=to_iterations(data["iterations"]),
-            usage=services.Usage(
+            usage=Usage(
                 model=usage.get("model", ""),
                 prompt_tokens=usage.get("prompt_tokens", 0),
                 completion_tokens=usage.get("completion_tokens", 0),
@@ -323,7 +324,7 @@ class PullOutSerializer(serializers.Serializer):
     lease = LeaseOutSerializer()
 
 
-def pull_payload(lease: services.Lease) -> dict:
+def pull_payload(lease: pull.Lease) -> dict:
     step = lease.step
     workflow = step.workflow
     return {

@@ -1,11 +1,7 @@
 """The worker API, version 1 (shared/api-v1.md). Views validate and delegate to services."""
 
-import re
-import time
 from uuid import UUID
 
-from django.db import connection
-from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
@@ -13,15 +9,15 @@ from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from coordination import notify, selectors, services
+from coordination import selectors
 from coordination.api import serializers as s
 from coordination.api.auth import CanSubmit, IsAgent, IsAuthenticated, request_agent
 from coordination.errors import Forbidden, InvalidRequest, NotFound
+from coordination.models import Workflow, WorkflowStatus
 from coordination.paths import normalise_path
-from coordination.models import ROLE_PATTERN, Workflow, WorkflowStatus
+from coordination.services import audits, file_locks, leases, pull, reports, workflow_control, workflow_creation
 
-_ROLE_RE = re.compile(ROLE_PATTERN)
-MAX_WAIT_S = 30
+MAX_WAIT_S = pull.MAX_WAIT_S
 
 
 def _error(description: str, serializer=s.ErrorSerializer) -> OpenApiResponse:
@@ -97,64 +93,15 @@ class PullView(APIBase):
     )
     def get(self, request, role: str):
         agent = request_agent(request)
-        roles = [r for r in role.split(",")]
-        bad = [r for r in roles if not _ROLE_RE.match(r)]
-        if bad:
-            raise InvalidRequest(f"{bad[0]!r} is not a valid role: a slug of a-z, 0-9, '_' and '-' (1 to 64 characters).")
-        roles = list(dict.fromkeys(roles))
-        wait = _parse_wait(request.query_params.get("wait"))
+        roles = pull.parse_pull_roles(role)
+        wait = pull.parse_wait(request.query_params.get("wait"))
         key = request.headers.get("Idempotency-Key", "")
         if len(key) > 200:
             raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
-        lease = pull_waiting(agent=agent, roles=roles, wait=wait, idempotency_key=key)
+        lease = pull.pull_waiting(agent=agent, roles=roles, wait=wait, idempotency_key=key)
         if lease is None:
             return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
         return _no_store(Response(s.PullOutSerializer(s.pull_payload(lease)).data))
-
-
-def pull_waiting(*, agent, roles: list[str], wait: float, idempotency_key: str = "") -> services.Lease | None:
-    """Pull, waiting up to `wait` seconds for a step to become ready (holding no database connection meanwhile).
-
-    Shared by the REST pull and the MCP `pull_step` tool.
-    """
-    deadline = time.monotonic() + wait
-    waiter = notify.listener.register(notify.STEP_READY, roles) if wait > 0 else None
-    try:
-        while True:
-            result = services.step_pull(agent=agent, roles=roles, idempotency_key=idempotency_key)
-            if isinstance(result, services.Lease):
-                return result
-            remaining = deadline - time.monotonic()
-            if waiter is None or remaining <= 0:
-                return None
-            timeout = remaining
-            # Steps passed over for locked files may go once a lock in their project is released.
-            waiter.also(notify.LOCKS, result.blocked_projects)
-            if result.next_available_at is not None:
-                timeout = min(timeout, max(0.01, (result.next_available_at - timezone.now()).total_seconds()))
-            release_connection()
-            waiter.wait(timeout)
-    finally:
-        if waiter is not None:
-            notify.listener.unregister(waiter)
-
-
-def release_connection() -> None:
-    """Hold no database connection while a request waits (unless a test transaction wraps it)."""
-    if not connection.in_atomic_block:
-        connection.close()
-
-
-def _parse_wait(raw: str | None) -> float:
-    if raw is None:
-        return 0.0
-    try:
-        wait = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"wait={raw!r} is not a number: give seconds from 0 to {MAX_WAIT_S}.") from None
-    if not 0 <= wait <= MAX_WAIT_S:
-        raise InvalidRequest(f"wait={raw} is out of range: give seconds from 0 to {MAX_WAIT_S}.")
-    return wait
 
 
 class HeartbeatView(APIBase):
@@ -170,7 +117,7 @@ class HeartbeatView(APIBase):
     def post(self, request, step_id: UUID):
         body = s.HeartbeatInSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        result = services.step_heartbeat(
+        result = leases.step_heartbeat(
             step_id=step_id,
             agent=request_agent(request),
             lease_token=body.validated_data["lease_token"],
@@ -193,7 +140,7 @@ class ReportView(APIBase):
     def post(self, request):
         body = s.ReportInSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        result = services.step_report(
+        result = reports.step_report(
             step_id=body.validated_data["step_id"],
             agent=request_agent(request),
             lease_token=body.validated_data["lease_token"],
@@ -215,7 +162,7 @@ class ReleaseView(APIBase):
     def post(self, request, step_id: UUID):
         body = s.LeaseTokenInSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        result = services.step_release(
+        result = leases.step_release(
             step_id=step_id, agent=request_agent(request), lease_token=body.validated_data["lease_token"]
         )
         return _no_store(Response(s.StepStatusOutSerializer(result).data))
@@ -276,7 +223,7 @@ class WorkflowListView(APIBase):
         body = s.WorkflowInSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         user, agent = _user_and_agent(request)
-        workflow = services.workflow_create(spec=body.to_spec(), user=user, agent=agent)
+        workflow = workflow_creation.workflow_create(spec=body.to_spec(), user=user, agent=agent)
         code = status.HTTP_202_ACCEPTED if workflow.status == WorkflowStatus.PLANNING else status.HTTP_201_CREATED
         return Response(_workflow_detail(workflow), status=code)
 
@@ -327,7 +274,7 @@ class WorkflowCancelView(_WorkflowControl):
         return super().post(request, workflow_id)
 
     def act(self, workflow_id, user, agent):
-        return services.workflow_cancel(workflow_id=workflow_id, user=user, agent=agent)
+        return workflow_control.workflow_cancel(workflow_id=workflow_id, user=user, agent=agent)
 
 
 class WorkflowPauseView(_WorkflowControl):
@@ -339,7 +286,7 @@ class WorkflowPauseView(_WorkflowControl):
         return super().post(request, workflow_id)
 
     def act(self, workflow_id, user, agent):
-        return services.workflow_pause(workflow_id=workflow_id, user=user, agent=agent)
+        return workflow_control.workflow_pause(workflow_id=workflow_id, user=user, agent=agent)
 
 
 class WorkflowResumeView(_WorkflowControl):
@@ -351,7 +298,7 @@ class WorkflowResumeView(_WorkflowControl):
         return super().post(request, workflow_id)
 
     def act(self, workflow_id, user, agent):
-        return services.workflow_resume(workflow_id=workflow_id, user=user, agent=agent)
+        return workflow_control.workflow_resume(workflow_id=workflow_id, user=user, agent=agent)
 
 
 class WorkflowEventsView(APIBase):
@@ -410,7 +357,7 @@ class WorkflowAuditsView(APIBase):
         if request.data:
             raise InvalidRequest("An audit request takes no fields.")
         user, agent = _user_and_agent(request)
-        workflow = services.workflow_audit_request(workflow_id=workflow_id, user=user, agent=agent)
+        workflow = audits.workflow_audit_request(workflow_id=workflow_id, user=user, agent=agent)
         return Response(s.WorkflowStatusSerializer(workflow).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -439,7 +386,7 @@ class StepRetryView(APIBase):
         if request.data:
             raise InvalidRequest("retry takes no fields.")
         user, agent = _user_and_agent(request)
-        step = services.step_retry(step_id=step_id, user=user, agent=agent)
+        step = workflow_control.step_retry(step_id=step_id, user=user, agent=agent)
         depends_on = sorted(step.depends_on.values_list("key", flat=True))
         return Response(s.StepOutSerializer(step, context={"depends_on": {step.id: depends_on}}).data)
 
@@ -530,10 +477,10 @@ class LockListView(APIBase):
         body = s.LockInSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
-        locks = services.locks_acquire(
+        locks = file_locks.locks_acquire(
             agent=agent, paths=data["paths"], mode=data["mode"], project_name=data.get("project"),
             step_id=data.get("step_id"), lease_token=data.get("lease_token"), ttl_s=data.get("ttl_s"),
-            wait_s=data["wait_s"], release_connection=release_connection,
+            wait_s=data["wait_s"], release_connection=pull.release_idle_connection,
         )
         locks = selectors.locks_by_id([lock.id for lock in locks])
         return _no_store(Response(s.LockListSerializer({"locks": locks}).data, status=status.HTTP_201_CREATED))
@@ -545,7 +492,7 @@ class LockDetailView(APIBase):
                               **NOT_FOUND})
     def delete(self, request, lock_id: UUID):
         user, agent = _user_and_agent(request)
-        services.lock_release(lock_id=lock_id, agent=agent, user=user)
+        file_locks.lock_release(lock_id=lock_id, agent=agent, user=user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -558,5 +505,5 @@ class LockRenewView(APIBase):
         body = s.LockRenewInSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         user, agent = _user_and_agent(request)
-        lock = services.lock_renew(lock_id=lock_id, ttl_s=body.validated_data["ttl_s"], agent=agent, user=user)
+        lock = file_locks.lock_renew(lock_id=lock_id, ttl_s=body.validated_data["ttl_s"], agent=agent, user=user)
         return _no_store(Response(s.LockOutSerializer(selectors.locks_by_id([lock.id])[0]).data))

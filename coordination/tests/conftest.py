@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
-from coordination import services
+from coordination.services import agent_registry
 from coordination.models import Agent
 
 
@@ -22,7 +22,7 @@ class AgentWithToken:
 
 
 def make_agent(name: str, roles: list[str], capacity: int = 1, can_submit: bool = False) -> AgentWithToken:
-    agent, token = services.agent_create(name=name, roles=roles, capacity=capacity, can_submit=can_submit)
+    agent, token = agent_registry.agent_create(name=name, roles=roles, capacity=capacity, can_submit=can_submit)
     return AgentWithToken(agent, token)
 
 

@@ -5,8 +5,8 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from rest_framework.test import APIClient
 
-from coordination import services
-from coordination.models import Agent, Workflow
+from coordination.services import tokens, workflow_creation
+from coordination.models import Agent, Step, Workflow
 from coordination.tests.factories import step, workflow_spec
 
 pytestmark = pytest.mark.django_db
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def held(developer):
     """A step held by `developer`: (step id, lease token)."""
-    services.workflow_create(spec=workflow_spec(step("A"), step("B")))
+    workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
     body = developer.client().get("/v1/tasks/developer/ready").json()
     return body["step"]["id"], body["lease"]["token"]
 
@@ -69,7 +69,7 @@ class AuthorizationMatrixTests:
         response = _call(other_developer.client(), method, url, body)
         assert response.status_code == 403
         assert response.json()["error"] == "forbidden"
-        assert services.Step.objects.get(id=held[0]).status == "in_progress"
+        assert Step.objects.get(id=held[0]).status == "in_progress"
 
     def test_an_agent_without_the_role_cannot_pull(self, held, outsider):
         response = outsider.client().get("/v1/tasks/developer/ready")
@@ -93,7 +93,7 @@ WORKFLOW = {"name": "w", "steps": [{"key": "A", "role": "developer"}]}
 
 class SubmitPermissionTests:
     def test_an_agent_without_can_submit_may_read_but_not_create_or_control(self, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         client = developer.client()
         assert client.get(f"/v1/workflows/{workflow.id}/status").status_code == 200
         assert client.post("/v1/workflows", WORKFLOW, format="json").status_code == 403
@@ -108,7 +108,7 @@ class SubmitPermissionTests:
         assert submitter.client().post(f"/v1/workflows/{workflow.id}/pause").status_code == 200
 
     def test_a_user_token_may_create(self, owner):
-        token = services.user_token_create(user=owner, name="ci")
+        token = tokens.user_token_create(user=owner, name="ci")
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
         response = client.post("/v1/workflows", WORKFLOW, format="json")

@@ -5,7 +5,7 @@ import uuid
 import pytest
 from rest_framework.test import APIClient
 
-from coordination import services
+from coordination.services import workflow_creation
 from coordination.models import Event, Step, Workflow
 from coordination.tests.factories import step, workflow_spec
 
@@ -117,7 +117,7 @@ class BadInputTests:
 
     def test_listing_filters_and_paginates(self, owner_client):
         for index in range(3):
-            services.workflow_create(spec=workflow_spec(step("A"), name=f"w{index}", project="p1" if index else "p2"))
+            workflow_creation.workflow_create(spec=workflow_spec(step("A"), name=f"w{index}", project="p1" if index else "p2"))
         body = owner_client.get("/v1/workflows?project=p1&limit=1").json()
         assert body["count"] == 2 and len(body["results"]) == 1 and body["next"]
         assert owner_client.get("/v1/workflows?status=running").json()["count"] == 3

@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from coordination import services
+from coordination.services import leases, workflow_control, workflow_creation
 from coordination.models import Attempt, AttemptOutcome, Event, Iteration, Result, Step, StepStatus, Workflow
 from coordination.tests.factories import step, workflow_spec
 
@@ -31,12 +31,12 @@ def heartbeat(agent, step_id, token, **fields):
 
 def expire(step_id):
     Step.objects.filter(id=step_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-    return services.leases_sweep()
+    return leases.leases_sweep()
 
 
 class HeartbeatTests:
     def test_it_extends_the_lease_and_stores_iterations(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=60)))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=60)))
         step_id, token = pull(developer)
         Step.objects.filter(id=step_id).update(lease_expires_at=timezone.now() + timedelta(seconds=5))
         response = heartbeat(developer, step_id, token, iterations=[
@@ -54,7 +54,7 @@ class HeartbeatTests:
         assert Event.objects.filter(kind="step.progress").count() == 1
 
     def test_it_refuses_an_expired_lease(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         step_id, token = pull(developer)
         Step.objects.filter(id=step_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
         response = heartbeat(developer, step_id, token)
@@ -62,14 +62,14 @@ class HeartbeatTests:
         assert response.json()["error"] == "stale_lease"
 
     def test_it_refuses_a_wrong_token_from_the_holder(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         step_id, _ = pull(developer)
         assert heartbeat(developer, step_id, "ls_forged").status_code == 409
 
 
 class ReportTests:
     def test_it_completes_the_step_and_releases_dependents(self, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("C", "A"), step("D", "B")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("C", "A"), step("D", "B")))
         step_id, token = pull(developer)
         response = report(developer, step_id, token, final_result="the answer", outputs={"k": 1},
                           iterations=[{"iteration": 1, "thought": "t", "action": "finish", "observation": ""}],
@@ -87,7 +87,7 @@ class ReportTests:
         assert (workflow.n_completed, workflow.n_ready, workflow.n_pending, workflow.spent_tokens) == (1, 2, 1, 15)
 
     def test_a_repeated_report_returns_the_same_answer_and_changes_nothing(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
         step_id, token = pull(developer)
         first = report(developer, step_id, token, final_result="x")
         events = Event.objects.count()
@@ -97,7 +97,7 @@ class ReportTests:
         assert Result.objects.count() == 1
 
     def test_the_last_step_completes_the_workflow(self, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
         for expected in ("running", "completed"):
             step_id, token = pull(developer)
             assert report(developer, step_id, token).json()["workflow_status"] == expected
@@ -107,7 +107,7 @@ class ReportTests:
         assert Event.objects.filter(workflow=workflow, kind="workflow.completed").exists()
 
     def test_an_expired_lease_goes_to_another_agent_and_the_late_report_is_refused(self, developer, other_developer):
-        services.workflow_create(spec=workflow_spec(step("A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         step_id, first_token = pull(developer)
         assert expire(step_id) == 1
         step_id_again, second_token = pull(other_developer)
@@ -123,7 +123,7 @@ class ReportTests:
 
     def test_a_retryable_failure_backs_off_then_fails_for_good_and_skips_downstream(self, developer, settings):
         settings.AM_RETRY_BACKOFF_BASE_S = 30
-        workflow = services.workflow_create(
+        workflow = workflow_creation.workflow_create(
             spec=workflow_spec(step("A", max_attempts=3), step("B", "A"), step("C", "B"), step("X", priority=5))
         )
         x_id, x_token = pull(developer)
@@ -154,7 +154,7 @@ class ReportTests:
         # Retry of the failed step brings its skipped dependents back.
         response = developer.client().post(f"/v1/steps/{a_id}/retry")
         assert response.status_code == 403  # agents without --can-submit may not
-        services.step_retry(step_id=a_id)
+        workflow_control.step_retry(step_id=a_id)
         statuses = dict(Step.objects.filter(workflow=workflow).values_list("key", "status"))
         assert statuses == {"A": "ready", "B": "pending", "C": "pending", "X": "completed"}
         workflow.refresh_from_db()
@@ -168,14 +168,14 @@ class ReportTests:
         assert workflow.status == "completed"
 
     def test_a_non_retryable_failure_fails_at_once(self, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A", max_attempts=5), step("B", "A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", max_attempts=5), step("B", "A")))
         step_id, token = pull(developer)
         response = report(developer, step_id, token, status="failed", error="impossible", retryable=False)
         assert response.json()["status"] == "failed"
         assert dict(Step.objects.filter(workflow=workflow).values_list("key", "status")) == {"A": "failed", "B": "skipped"}
 
     def test_expiry_with_no_attempts_left_fails_the_step(self, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A", max_attempts=1)))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", max_attempts=1)))
         step_id, _ = pull(developer)
         expire(step_id)
         assert Step.objects.get(id=step_id).status == StepStatus.FAILED
@@ -183,15 +183,15 @@ class ReportTests:
         assert workflow.status == "failed"
 
     def test_the_sweep_leaves_live_leases_alone(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         step_id, _ = pull(developer)
-        assert services.leases_sweep() == 0
+        assert leases.leases_sweep() == 0
         assert Step.objects.get(id=step_id).status == StepStatus.IN_PROGRESS
 
 
 class WorkflowControlTests:
     def test_cancel_stops_everything_and_tells_running_agents(self, developer, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C", "A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C", "A")))
         step_id, token = pull(developer)
         response = owner_client.post(f"/v1/workflows/{workflow.id}/cancel")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
@@ -203,7 +203,7 @@ class WorkflowControlTests:
         assert owner_client.post(f"/v1/workflows/{workflow.id}/cancel").status_code == 409
 
     def test_pause_asks_agents_to_stop_and_a_hand_back_costs_no_attempt(self, developer, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(step("A", max_attempts=1)))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", max_attempts=1)))
         step_id, token = pull(developer)
         assert owner_client.post(f"/v1/workflows/{workflow.id}/pause").json()["status"] == "paused"
         assert heartbeat(developer, step_id, token).json()["cancel"] is True
@@ -216,21 +216,21 @@ class WorkflowControlTests:
         assert report(developer, again_id, again_token).status_code == 200
 
     def test_a_lease_that_runs_out_while_paused_is_not_charged(self, developer, owner):
-        workflow = services.workflow_create(spec=workflow_spec(step("A", max_attempts=1)))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", max_attempts=1)))
         step_id, _ = pull(developer)
-        services.workflow_pause(workflow_id=workflow.id, user=owner)
+        workflow_control.workflow_pause(workflow_id=workflow.id, user=owner)
         expire(step_id)
         assert Step.objects.get(id=step_id).status == StepStatus.READY
 
     def test_resume_and_pause_refuse_the_wrong_state(self, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(step("A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         assert owner_client.post(f"/v1/workflows/{workflow.id}/resume").status_code == 200  # running: no-op
-        services.workflow_cancel(workflow_id=workflow.id)
+        workflow_control.workflow_cancel(workflow_id=workflow.id)
         response = owner_client.post(f"/v1/workflows/{workflow.id}/pause")
         assert response.status_code == 409 and response.json()["error"] == "invalid_state"
 
     def test_events_are_ordered_and_paged(self, developer, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
         step_id, token = pull(developer)
         report(developer, step_id, token)
         body = owner_client.get(f"/v1/workflows/{workflow.id}/events").json()
@@ -244,7 +244,7 @@ class WorkflowControlTests:
 
 class UsageTests:
     def test_usage_is_summed_per_step_workflow_and_agent(self, developer, other_developer, owner_client):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
         for agent, tokens in ((developer, (100, 20)), (other_developer, (7, 3))):
             step_id, token = pull(agent)
             report(agent, step_id, token, usage={"model": "m", "prompt_tokens": tokens[0],

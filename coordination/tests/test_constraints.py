@@ -4,7 +4,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from coordination import services
+from coordination.services import workflow_creation
 from coordination.models import Attempt, Step, StepDependency, StepStatus, Workflow
 from coordination.tests.factories import step, workflow_spec
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def workflow() -> Workflow:
-    return services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+    return workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
 
 
 def _refused(fn) -> None:
@@ -27,7 +27,7 @@ class ConstraintTests:
         _refused(lambda: Step.objects.create(workflow=workflow, key="A", name="again", role="developer"))
 
     def test_it_allows_the_same_key_in_another_workflow(self, workflow):
-        other = services.workflow_create(spec=workflow_spec(step("A")))
+        other = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         assert Step.objects.filter(key="A").count() == 2
         assert other.id != workflow.id
 

@@ -4,7 +4,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from coordination.models import Agent, Event
-from coordination.services import token_hash
+from coordination.services.tokens import token_hash
 
 pytestmark = pytest.mark.django_db
 

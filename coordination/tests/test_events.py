@@ -5,7 +5,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from am_project.celery import app as celery_app
-from coordination import services
+from coordination.services import pull, workflow_creation
 from coordination.events import OVERVIEW_GROUP, workflow_group
 from coordination.models import Event
 from coordination.tests.factories import step, workflow_spec
@@ -35,9 +35,9 @@ class EventPublishingTests:
         from asgiref.sync import sync_to_async
 
         layer = get_channel_layer()
-        workflow = services.workflow_create(spec=workflow_spec(step("A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         with django_capture_on_commit_callbacks(execute=False) as callbacks:
-            lease = services.step_pull(agent=developer.agent, roles=["developer"])
+            lease = pull.step_pull(agent=developer.agent, roles=["developer"])
         # Nothing was sent yet: the broadcast waits for the commit.
         assert callbacks, "the broadcast must be deferred to commit"
 
@@ -66,7 +66,7 @@ class EventPublishingTests:
         channel_layers.backends.clear()
         try:
             with django_capture_on_commit_callbacks(execute=True):
-                workflow = services.workflow_create(spec=workflow_spec(step("A")))
+                workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         finally:
             channel_layers.backends.clear()
         assert Event.objects.filter(workflow=workflow, kind="workflow.created").exists()

@@ -32,10 +32,10 @@ class HealthzTests:
 
 class MetricsTests:
     def test_it_exposes_step_and_workflow_counts_as_prometheus_text(self, client):
-        from coordination import services
+        from coordination.services import workflow_creation
         from coordination.tests.factories import step, workflow_spec
 
-        services.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
         response = client.get("/metrics")
         assert response.status_code == 200
         assert response["Content-Type"].startswith("text/plain")

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from django.db import connection
 
-from coordination import services
+from coordination.services import pull, reports, workflow_control, workflow_creation
 from coordination.models import Attempt, AttemptOutcome, Result, Step, Workflow
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import step, workflow_spec
@@ -22,7 +22,7 @@ def _auth(token: str) -> dict[str, str]:
 
 class ConcurrentPullTests:
     def test_16_agents_on_400_steps_complete_each_exactly_once(self, live_am):
-        workflow = services.workflow_create(spec=workflow_spec(*[step(f"s{i}") for i in range(400)], name="big"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(*[step(f"s{i}") for i in range(400)], name="big"))
         agents = [make_agent(f"agent-{i}", ["developer"]) for i in range(16)]
         completed: Counter = Counter()
         errors: list[str] = []
@@ -88,7 +88,7 @@ class LongPollTests:
             others = [row[0] for row in cursor.fetchall()]
         assert all(query.startswith(("LISTEN", "SELECT 1")) for query in others), others
         assert thread.is_alive(), "the pull should still be waiting"
-        services.workflow_create(spec=workflow_spec(step("R", role="researcher")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("R", role="researcher")))
         thread.join(timeout=25)
         assert outcome["status"] == 200
         assert outcome["body"]["step"]["key"] == "R"
@@ -103,14 +103,14 @@ class LongPollTests:
 
     def test_a_step_of_a_resumed_workflow_wakes_a_waiting_pull(self, live_am):
         agent = make_agent("resumer", ["writer"])
-        workflow = services.workflow_create(spec=workflow_spec(step("W", role="writer")))
-        services.workflow_pause(workflow_id=workflow.id)
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("W", role="writer")))
+        workflow_control.workflow_pause(workflow_id=workflow.id)
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(
             status=httpx.get(f"{live_am}/v1/tasks/writer/ready?wait=20", headers=_auth(agent.token), timeout=30).status_code))
         thread.start()
         time.sleep(1.0)
-        services.workflow_resume(workflow_id=workflow.id)
+        workflow_control.workflow_resume(workflow_id=workflow.id)
         thread.join(timeout=25)
         assert result["status"] == 200
         assert Step.objects.get(workflow=workflow).status == "in_progress"
@@ -119,17 +119,17 @@ class LongPollTests:
 
 class DeadAgentTests:
     def test_a_dead_agents_step_is_handed_out_again_by_the_celery_sweep(self, live_celery):
-        workflow = services.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=2)))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=2)))
         dead = make_agent("dead", ["developer"])
         alive = make_agent("alive", ["developer"])
-        lease = services.step_pull(agent=dead.agent, roles=["developer"])
-        assert isinstance(lease, services.Lease)
+        lease = pull.step_pull(agent=dead.agent, roles=["developer"])
+        assert isinstance(lease, pull.Lease)
         # The dead agent never heartbeats. Within TTL (2 s) + one sweep (1 s) + start-up slack,
         # beat and the worker put the step back and another agent gets it.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            again = services.step_pull(agent=alive.agent, roles=["developer"])
-            if isinstance(again, services.Lease):
+            again = pull.step_pull(agent=alive.agent, roles=["developer"])
+            if isinstance(again, pull.Lease):
                 break
             time.sleep(0.25)
         else:
@@ -142,11 +142,11 @@ class DeadAgentTests:
 
 class LockAwareLongPollTests:
     def test_a_pull_waiting_on_a_locked_file_wakes_when_the_lock_is_released(self, live_am):
-        services.workflow_create(spec=workflow_spec(
+        workflow_creation.workflow_create(spec=workflow_spec(
             step("R1", files=(("report.md", "write"),)), step("R2", files=(("report.md", "write"),))))
         first = make_agent("first", ["developer"])
         second = make_agent("second", ["developer"])
-        lease = services.step_pull(agent=first.agent, roles=["developer"])
+        lease = pull.step_pull(agent=first.agent, roles=["developer"])
         outcome: dict = {}
 
         def wait_for_step() -> None:
@@ -160,8 +160,8 @@ class LockAwareLongPollTests:
         time.sleep(1.5)
         assert thread.is_alive(), "R2 is ready but its file is locked: the pull must wait"
         reported_at = time.monotonic()
-        services.step_report(step_id=lease.step.id, agent=first.agent, lease_token=lease.token,
-                             outcome=services.Outcome(status="completed"))
+        reports.step_report(step_id=lease.step.id, agent=first.agent, lease_token=lease.token,
+                             outcome=reports.Outcome(status="completed"))
         thread.join(timeout=25)
         assert outcome["status"] == 200 and outcome["key"] == "R2"
         assert outcome["at"] - reported_at < 10

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from coordination import services
+from coordination.services import file_locks, leases, pull, reports, workflow_control, workflow_creation
 from coordination.errors import Forbidden, LockConflict
 from coordination.models import Event, FileLock, LockWaiter, Step
 from coordination.tests.conftest import make_agent
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 
 
 def acquire(agent, paths, mode="write", **extra):
-    return services.locks_acquire(agent=agent.agent, paths=paths, mode=mode, **extra)
+    return file_locks.locks_acquire(agent=agent.agent, paths=paths, mode=mode, **extra)
 
 
 def conflicts(agent, paths, mode="write", **extra) -> bool:
@@ -56,8 +56,8 @@ class ConflictMatrixTests:
         assert second[0].fencing > first[0].fencing
 
     def test_the_same_agent_under_two_steps_is_blocked(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A"), step("B")))
-        leases = [services.step_pull(agent=developer.agent, roles=["developer"]) for _ in range(2)]
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        leases = [pull.step_pull(agent=developer.agent, roles=["developer"]) for _ in range(2)]
         acquire(developer, ["report.md"], step_id=leases[0].step.id, lease_token=leases[0].token)
         assert conflicts(developer, ["report.md"], step_id=leases[1].step.id, lease_token=leases[1].token)
 
@@ -74,7 +74,7 @@ class ConflictMatrixTests:
         for agent in [developer, other_developer, developer]:
             [lock] = acquire(agent, ["shared.md"])
             numbers.append(lock.fencing)
-            services.lock_release(lock_id=lock.id, agent=agent.agent)
+            file_locks.lock_release(lock_id=lock.id, agent=agent.agent)
         assert numbers == sorted(numbers) and len(set(numbers)) == 3
 
 
@@ -125,7 +125,7 @@ class LockApiTests:
         assert other_developer.client().post(f"/v1/locks/{lock.id}/renew", {"ttl_s": 5}, format="json").status_code == 403
         assert owner_client.delete(f"/v1/locks/{lock.id}").status_code == 403  # not staff
         with pytest.raises(Forbidden):
-            services.lock_release(lock_id=lock.id, user=owner)
+            file_locks.lock_release(lock_id=lock.id, user=owner)
         owner.is_staff = True
         owner.save()
         assert owner_client.delete(f"/v1/locks/{lock.id}").status_code == 204
@@ -147,19 +147,19 @@ class ExpiryTests:
         [lock] = acquire(developer, ["a.md"])
         expired_at = timezone.now() - timedelta(seconds=1)
         FileLock.objects.filter(id=lock.id).update(expires_at=expired_at)
-        assert services.locks_sweep() == 1
+        assert file_locks.locks_sweep() == 1
         lock.refresh_from_db()
         assert lock.release_reason == "expired" and lock.released_at == expired_at
         assert Event.objects.filter(kind="locks.expired").exists()
-        assert services.locks_sweep() == 0
+        assert file_locks.locks_sweep() == 0
 
 
 class StepLockTests:
     def _pull(self, agent):
-        return services.step_pull(agent=agent.agent, roles=["developer"])
+        return pull.step_pull(agent=agent.agent, roles=["developer"])
 
     def test_declared_files_come_with_the_lease(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A", files=(("src/a.py", "write"), ("spec.md", "read")))))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("src/a.py", "write"), ("spec.md", "read")))))
         lease = self._pull(developer)
         locks = {lock.path: lock for lock in FileLock.objects.filter(step=lease.step)}
         assert set(locks) == {"src/a.py", "spec.md"}
@@ -171,7 +171,7 @@ class StepLockTests:
     def test_two_steps_writing_one_file_never_run_together_while_a_third_runs_alongside(self, developer):
         developer.agent.capacity = 3
         developer.agent.save()
-        services.workflow_create(spec=workflow_spec(
+        workflow_creation.workflow_create(spec=workflow_spec(
             step("R1", files=(("report.md", "write"),)),
             step("R2", files=(("report.md", "write"),)),
             step("X", files=(("other.md", "write"),)),
@@ -179,48 +179,48 @@ class StepLockTests:
         first = self._pull(developer)
         second = self._pull(developer)
         assert {first.step.key, second.step.key} == {"R1", "X"}
-        assert isinstance(self._pull(developer), services.PullMiss)  # R2 waits for report.md
+        assert isinstance(self._pull(developer), pull.PullMiss)  # R2 waits for report.md
         r1 = first if first.step.key == "R1" else second
-        services.step_report(step_id=r1.step.id, agent=developer.agent, lease_token=r1.token,
-                             outcome=services.Outcome(status="completed"))
+        reports.step_report(step_id=r1.step.id, agent=developer.agent, lease_token=r1.token,
+                             outcome=reports.Outcome(status="completed"))
         third = self._pull(developer)
         assert third.step.key == "R2"
 
     def test_a_step_blocked_by_an_agents_lock_is_passed_over(self, developer, other_developer):
-        services.workflow_create(spec=workflow_spec(step("A", files=(("src/",  "write"),)), step("B")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("src/",  "write"),)), step("B")))
         acquire(other_developer, ["src/app.py"], "read")
         lease = self._pull(developer)
         assert lease.step.key == "B"
 
     @pytest.mark.parametrize("end", ["completed", "failed", "released", "cancelled", "expired"])
     def test_locks_end_with_the_step(self, developer, other_developer, end):
-        workflow = services.workflow_create(spec=workflow_spec(step("A", files=(("a.md", "write"),), max_attempts=1)))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("a.md", "write"),), max_attempts=1)))
         lease = self._pull(developer)
         [extra] = acquire(developer, ["notes/"], step_id=lease.step.id, lease_token=lease.token)
         assert extra.step_id == lease.step.id and extra.expires_at == lease.step.lease_expires_at
         if end in ("completed", "failed"):
-            services.step_report(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token,
-                                 outcome=services.Outcome(status=end))
+            reports.step_report(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token,
+                                 outcome=reports.Outcome(status=end))
         elif end == "released":
-            services.step_release(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token)
+            leases.step_release(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token)
         elif end == "cancelled":
-            services.workflow_cancel(workflow_id=workflow.id)
+            workflow_control.workflow_cancel(workflow_id=workflow.id)
         else:
             Step.objects.filter(id=lease.step.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-            services.leases_sweep()
+            leases.leases_sweep()
         assert not FileLock.objects.filter(step=lease.step, released_at__isnull=True).exists()
         acquire(other_developer, ["a.md", "notes/x"])  # free again
         assert Event.objects.filter(kind="locks.released", step=lease.step).exists()
 
     def test_a_heartbeat_renews_the_steps_locks(self, developer):
-        services.workflow_create(spec=workflow_spec(step("A", files=(("a.md", "write"),))))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("a.md", "write"),))))
         lease = self._pull(developer)
         FileLock.objects.filter(step=lease.step).update(expires_at=timezone.now() + timedelta(seconds=3))
-        result = services.step_heartbeat(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token)
+        result = leases.step_heartbeat(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token)
         assert FileLock.objects.get(step=lease.step).expires_at == result["expires_at"]
 
     def test_locks_under_a_lease_need_the_current_token(self, developer, other_developer):
-        services.workflow_create(spec=workflow_spec(step("A")))
+        workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         lease = self._pull(developer)
         response = developer.client().post("/v1/locks", {"paths": ["x"], "mode": "write", "step_id": str(lease.step.id),
                                                          "lease_token": "ls_wrong"}, format="json")
@@ -259,7 +259,7 @@ class WaitingTests:
         time.sleep(1.0)
         assert thread.is_alive()
         assert LockWaiter.objects.count() == 1
-        services.lock_release(lock_id=lock.id, agent=holder.agent)
+        file_locks.lock_release(lock_id=lock.id, agent=holder.agent)
         thread.join(timeout=20)
         assert isinstance(results["waiter"], list), results
         assert time.monotonic() - started < 10
@@ -278,7 +278,7 @@ class WaitingTests:
         with pytest.raises(LockConflict) as info:
             acquire(late_reader, ["doc.md"], "read")
         assert info.value.extra["conflicts"][0].get("queued") is True
-        services.lock_release(lock_id=read_lock.id, agent=reader.agent)
+        file_locks.lock_release(lock_id=read_lock.id, agent=reader.agent)
         thread.join(timeout=20)
         assert isinstance(results["writer"], list), results
 

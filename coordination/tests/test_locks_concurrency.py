@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 from django.db import connection
 
-from coordination import services
+from coordination.services import file_locks
 from coordination.errors import LockConflict
 from coordination.models import FileLock
 from coordination.paths import paths_overlap
@@ -41,7 +41,7 @@ class LockConcurrencyTests:
                     mode = rng.choice(["read", "write"])
                     abandon = rng.random() < 0.05  # some holders die: their locks only expire
                     try:
-                        locks = services.locks_acquire(agent=agent.agent, paths=paths, mode=mode,
+                        locks = file_locks.locks_acquire(agent=agent.agent, paths=paths, mode=mode,
                                                        wait_s=rng.choice([0, 0, 0.2]), ttl_s=1 if abandon else 30)
                     except LockConflict:
                         counts["conflicts"] += 1
@@ -50,7 +50,7 @@ class LockConcurrencyTests:
                     time.sleep(rng.random() * 0.004)
                     if not abandon:
                         for lock in locks:
-                            services.lock_release(lock_id=lock.id, agent=agent.agent)
+                            file_locks.lock_release(lock_id=lock.id, agent=agent.agent)
             except BaseException as exc:  # noqa: BLE001 - reported to the test
                 errors.append(exc)
             finally:

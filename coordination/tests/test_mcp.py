@@ -10,7 +10,7 @@ from django.utils import timezone
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from coordination import services
+from coordination.services import file_locks, leases, pull, workflow_creation
 from coordination.models import Result, Step
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import step, workflow_spec
@@ -34,7 +34,7 @@ def _json(result) -> dict:
 class MCPTests:
     def test_an_mcp_client_works_a_workflow_through_the_tools_alone(self, live_am):
         agent = make_agent("mcp-worker", ["developer"], capacity=1)
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Via MCP"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Via MCP"))
 
         async def calls(session):
             names = {tool.name for tool in (await session.list_tools()).tools}
@@ -84,12 +84,12 @@ class MCPTests:
     def test_a_stale_lease_is_refused_through_mcp_as_through_rest(self, live_am):
         first = make_agent("mcp-first", ["developer"])
         second = make_agent("mcp-second", ["developer"])
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="Stale"))
-        lease = services.step_pull(agent=first.agent, roles=["developer"])
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="Stale"))
+        lease = pull.step_pull(agent=first.agent, roles=["developer"])
         # The lease runs out, the sweep hands the step back, another agent takes it.
         Step.objects.filter(id=lease.step.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-        services.lease_expire(step_id=lease.step.id)
-        assert isinstance(services.step_pull(agent=second.agent, roles=["developer"]), services.Lease)
+        leases.lease_expire(step_id=lease.step.id)
+        assert isinstance(pull.step_pull(agent=second.agent, roles=["developer"]), pull.Lease)
 
         async def calls(session):
             return await session.call_tool("report_result", {"step_id": str(lease.step.id),
@@ -107,7 +107,7 @@ class MCPTests:
     def test_a_lock_conflict_names_the_holder_and_says_what_to_do(self, live_am):
         holder = make_agent("mcp-holder", ["developer"])
         other = make_agent("mcp-other", ["developer"])
-        services.locks_acquire(agent=holder.agent, paths=["src/app.py"], mode="write", project_name="default")
+        file_locks.locks_acquire(agent=holder.agent, paths=["src/app.py"], mode="write", project_name="default")
 
         async def calls(session):
             return await session.call_tool("acquire_locks", {"paths": ["src/app.py"], "mode": "write",

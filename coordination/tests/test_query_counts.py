@@ -4,7 +4,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from coordination import services
+from coordination.services import workflow_creation
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import chain, fan
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db
 
 def _report_queries(role: str, spec) -> int:
     """Queries of one report through the API, on a workflow of its own role."""
-    workflow = services.workflow_create(spec=spec)
+    workflow = workflow_creation.workflow_create(spec=spec)
     client = make_agent(f"agent-{role}", [role]).client()
     body = client.get(f"/v1/tasks/{role}/ready").json()
     payload = {"step_id": body["step"]["id"], "lease_token": body["lease"]["token"], "status": "completed",
@@ -29,7 +29,7 @@ def _report_queries(role: str, spec) -> int:
 
 
 def _status_queries(owner_client, spec) -> int:
-    workflow = services.workflow_create(spec=spec)
+    workflow = workflow_creation.workflow_create(spec=spec)
     with CaptureQueriesContext(connection) as queries:
         response = owner_client.get(f"/v1/workflows/{workflow.id}/status")
     assert response.status_code == 200 and response.json()["total_steps"] == len(spec.steps)
@@ -37,7 +37,7 @@ def _status_queries(owner_client, spec) -> int:
 
 
 def _pull_queries(agent, spec) -> int:
-    services.workflow_create(spec=spec)
+    workflow_creation.workflow_create(spec=spec)
     role = spec.steps[0].role
     with CaptureQueriesContext(connection) as queries:
         response = agent.client().get(f"/v1/tasks/{role}/ready")

@@ -2,7 +2,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from coordination import services
+from coordination.services import workflow_creation, workflow_specs
 from coordination.errors import InvalidWorkflow
 from coordination.models import Event, Step, StepDependency, StepStatus, Workflow, WorkflowStatus
 from coordination.tests.factories import chain, step, workflow_spec
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db
 def _rejection(spec) -> InvalidWorkflow:
     before = (Workflow.objects.count(), Step.objects.count(), StepDependency.objects.count(), Event.objects.count())
     with pytest.raises(InvalidWorkflow) as info:
-        services.workflow_create(spec=spec)
+        workflow_creation.workflow_create(spec=spec)
     after = (Workflow.objects.count(), Step.objects.count(), StepDependency.objects.count(), Event.objects.count())
     assert after == before, "a rejected workflow must store nothing"
     return info.value
@@ -85,7 +85,7 @@ class WorkflowValidationTests:
 
 class WorkflowCreateTests:
     def test_it_stores_roots_ready_and_the_rest_pending(self):
-        workflow = services.workflow_create(
+        workflow = workflow_creation.workflow_create(
             spec=workflow_spec(step("A"), step("B"), step("C", "A", "B"), step("D", "C"))
         )
         statuses = dict(Step.objects.filter(workflow=workflow).values_list("key", "status"))
@@ -98,31 +98,31 @@ class WorkflowCreateTests:
         assert StepDependency.objects.filter(workflow=workflow).count() == 3
 
     def test_it_records_a_created_event_with_seq_1(self):
-        workflow = services.workflow_create(spec=workflow_spec(step("A")))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         event = Event.objects.get(workflow=workflow)
         assert (event.seq, event.kind) == (1, "workflow.created")
         assert event.data["ready"] == ["A"]
 
     def test_it_normalises_declared_files(self):
-        workflow = services.workflow_create(
+        workflow = workflow_creation.workflow_create(
             spec=workflow_spec(step("A", files=(("src/./app.py", "read"), ("src//app.py", "write"), ("docs/", "read"))))
         )
         files = Step.objects.get(workflow=workflow).files
         assert files == [{"path": "src/app.py", "mode": "write"}, {"path": "docs/", "mode": "read"}]
 
     def test_it_creates_an_unknown_project(self):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), project="team-blue"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), project="team-blue"))
         assert workflow.project.name == "team-blue"
 
     def test_it_stores_a_goal_without_steps_as_planning(self):
-        workflow = services.workflow_create(spec=services.WorkflowSpec(name="Plan me", goal="Write a report"))
+        workflow = workflow_creation.workflow_create(spec=workflow_specs.WorkflowSpec(name="Plan me", goal="Write a report"))
         assert workflow.status == WorkflowStatus.PLANNING
         assert workflow.total_steps == 0
 
     def test_it_accepts_1000_steps_in_one_transaction_with_few_queries(self):
         spec = workflow_spec(*[step(f"s{i}", *([f"s{i // 2}"] if i else [])) for i in range(1000)])
         with CaptureQueriesContext(connection) as queries:
-            workflow = services.workflow_create(spec=spec)
+            workflow = workflow_creation.workflow_create(spec=spec)
         # Bulk inserts: the query count does not grow with the number of steps.
         assert len(queries) < 20
         assert sum(1 for q in queries if q["sql"].startswith("SAVEPOINT")) <= 2

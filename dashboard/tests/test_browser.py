@@ -5,7 +5,7 @@ import os
 import httpx
 import pytest
 
-from coordination import services
+from coordination.services import pull, workflow_creation
 from coordination.models import Step
 from coordination.tests.conftest import make_agent
 from coordination.tests.factories import step, workflow_spec
@@ -20,10 +20,10 @@ class BrowserTests:
         self, live_am, django_user_model
     ):
         django_user_model.objects.create_user(username="watcher", password="pw-watcher-123")
-        workflow = services.workflow_create(spec=workflow_spec(
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
             step("A"), step("H", "A", role="human"), name="Watched"))
         agent = make_agent("browser-agent", ["developer"])
-        lease = services.step_pull(agent=agent.agent, roles=["developer"])
+        lease = pull.step_pull(agent=agent.agent, roles=["developer"])
         a_id, h_id = str(lease.step.id), str(Step.objects.get(workflow=workflow, key="H").id)
         headers = {"Authorization": f"Bearer {agent.token}"}
 

@@ -9,7 +9,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from am_project.asgi import application
-from coordination import services
+from coordination.services import pull, workflow_creation
 from coordination.models import Step
 from coordination.tests.factories import step, workflow_spec
 
@@ -39,7 +39,7 @@ async def _receive_until(communicator, needle: str, timeout: float = 5.0) -> str
 
 class ConsumerTests:
     def test_a_report_through_the_api_reaches_a_subscribed_workflow_page(self, owner, developer):
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Live"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Live"))
         body = developer.client().get("/v1/tasks/developer/ready").json()
         step_id = body["step"]["id"]
         headers = _session_headers(owner)
@@ -63,8 +63,8 @@ class ConsumerTests:
         assert 'name="csrfmiddlewaretoken"' in frame  # pushed forms still post
 
     def test_heartbeat_iterations_grow_the_step_pages_thread(self, owner, developer):
-        services.workflow_create(spec=workflow_spec(step("A"), name="Thread"))
-        lease = services.step_pull(agent=developer.agent, roles=["developer"])
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="Thread"))
+        lease = pull.step_pull(agent=developer.agent, roles=["developer"])
         headers = _session_headers(owner)
 
         async def scenario():
@@ -88,7 +88,7 @@ class ConsumerTests:
         async def scenario():
             communicator = WebsocketCommunicator(application, "/ws/overview/", headers=headers)
             assert (await communicator.connect())[0]
-            workflow = await sync_to_async(services.workflow_create)(spec=workflow_spec(step("A"), name="Fresh"))
+            workflow = await sync_to_async(workflow_creation.workflow_create)(spec=workflow_spec(step("A"), name="Fresh"))
             frame = await _receive_until(communicator, f'id="workflow-{workflow.id}"')
             await communicator.send_to(text_data=json.dumps({"catch_up_after": 0}))
             refresh = await _receive_until(communicator, 'id="workflow-rows" hx-swap-oob="true"')
@@ -127,7 +127,7 @@ class SharedRenderTests:
         from dashboard import consumers, live
 
         other = get_user_model().objects.create_user("second-viewer", password="x")  # not staff, as owner
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Shared"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Shared"))
         body = developer.client().get("/v1/tasks/developer/ready").json()
         step_id = body["step"]["id"]
         headers = [_session_headers(owner), _session_headers(other)]
@@ -152,7 +152,7 @@ class SharedRenderTests:
             return frames
 
         frames = async_to_sync(scenario)()
-        completed_event = services.Event.objects.get(workflow=workflow, kind="step.completed")
+        completed_event = Event.objects.get(workflow=workflow, kind="step.completed")
         assert renders.count(completed_event.id) == 1  # one render for both sockets
         for frame, token, foreign in zip(frames, tokens, reversed(tokens)):
             assert f'name="csrfmiddlewaretoken" value="{token}"' in frame
@@ -163,7 +163,7 @@ class LayerDownTests:
     def test_open_pages_are_closed_with_4503_when_redis_stops_answering(self, owner, monkeypatch):
         from dashboard import consumers
 
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="Watched"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="Watched"))
         headers = _session_headers(owner)
         monkeypatch.setattr(consumers, "PING_S", 0.05)
 
@@ -184,7 +184,7 @@ class LayerDownTests:
     def test_a_page_is_refused_with_4503_while_redis_is_down(self, owner, monkeypatch):
         from dashboard import consumers
 
-        workflow = services.workflow_create(spec=workflow_spec(step("A"), name="Refused"))
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="Refused"))
         headers = _session_headers(owner)
 
         async def failing_group_add(self, group, channel):

@@ -5,7 +5,7 @@ import re
 import pytest
 from django.test import Client
 
-from coordination import services
+from coordination.services import agent_registry, leases, pull, reports, tokens, workflow_creation
 from coordination.models import Agent, FileLock, Step, Workflow
 from coordination.tests.factories import step, workflow_spec
 
@@ -14,20 +14,20 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def workflow(developer):
-    workflow = services.workflow_create(spec=workflow_spec(
+    workflow = workflow_creation.workflow_create(spec=workflow_spec(
         step("A", files=(("src/a.py", "write"),)), step("B", "A"), step("H", "A", role="human"), name="Dash"))
-    lease = services.step_pull(agent=developer.agent, roles=["developer"])
-    services.step_heartbeat(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token, iterations=[
-        services.IterationIn(index=1, thought="Look around first", action='{"tool": "list_files"}', observation="src/")])
+    lease = pull.step_pull(agent=developer.agent, roles=["developer"])
+    leases.step_heartbeat(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token, iterations=[
+        leases.IterationIn(index=1, thought="Look around first", action='{"tool": "list_files"}', observation="src/")])
     return workflow
 
 
 def _complete(key="A"):
     """Complete the step the developer holds (its lease token derives from the attempt)."""
     step_row = Step.objects.get(key=key, status="in_progress")
-    return services.step_report(step_id=step_row.id, agent=step_row.lease_agent,
-                                lease_token=services.lease_token_for(step_row.lease_attempt_id),
-                                outcome=services.Outcome(status="completed", final_result="done"))
+    return reports.step_report(step_id=step_row.id, agent=step_row.lease_agent,
+                                lease_token=tokens.lease_token_for(step_row.lease_attempt_id),
+                                outcome=reports.Outcome(status="completed", final_result="done"))
 
 
 PAGES = ["/", "/agents/", "/locks/", "/submit/"]
@@ -52,7 +52,7 @@ class PageTests:
         assert "vendor/htmx/htmx-2.0.11.min.js" in html and "cdn" not in html.lower()
 
     def test_overview_filters_by_status_and_project(self, owner_browser, workflow):
-        services.workflow_create(spec=workflow_spec(step("X"), name="Elsewhere", project="other"))
+        workflow_creation.workflow_create(spec=workflow_spec(step("X"), name="Elsewhere", project="other"))
         other = Workflow.objects.get(name="Elsewhere")
         html = owner_browser.get("/?project=other").content.decode()
         assert f'id="workflow-{other.id}"' in html and f'id="workflow-{workflow.id}"' not in html
@@ -108,8 +108,8 @@ class ActionTests:
 
     def test_retry_a_failed_step(self, owner_browser, workflow, developer):
         a = Step.objects.get(workflow=workflow, key="A")
-        services.step_report(step_id=a.id, agent=developer.agent, lease_token=services.lease_token_for(a.lease_attempt_id),
-                             outcome=services.Outcome(status="failed", error="boom"))
+        reports.step_report(step_id=a.id, agent=developer.agent, lease_token=tokens.lease_token_for(a.lease_attempt_id),
+                             outcome=reports.Outcome(status="failed", error="boom"))
         assert 'action="/steps/%s/retry"' % a.id in owner_browser.get(f"/workflows/{workflow.id}/").content.decode()
         owner_browser.post(f"/steps/{a.id}/retry")
         a.refresh_from_db()
@@ -159,7 +159,7 @@ class ApprovalTests:
         from coordination.errors import InvalidRequest
 
         with pytest.raises(InvalidRequest):
-            services.agent_create(name="sneaky", roles=["human"])
+            agent_registry.agent_create(name="sneaky", roles=["human"])
 
 
 class SubmitTests:

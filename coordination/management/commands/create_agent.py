@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from coordination import services
+from coordination.services import agent_registry
 from coordination.errors import ServiceError
 
 
@@ -22,8 +22,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, name, roles, capacity, can_submit, **options):
         try:
-            agent, token = services.agent_create(
-                name=name, roles=services.parse_roles(roles), capacity=capacity, can_submit=can_submit
+            agent, token = agent_registry.agent_create(
+                name=name, roles=agent_registry.parse_roles(roles), capacity=capacity, can_submit=can_submit
             )
         except ServiceError as exc:
             raise CommandError(exc.detail) from None

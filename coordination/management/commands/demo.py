@@ -3,7 +3,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand
 
-from coordination import services
+from coordination.services import agent_registry, workflow_creation, workflow_specs
 
 # A small product-research workflow: two parallel research branches meet in an
 # architecture step, then development and documentation run side by side, and
@@ -39,24 +39,24 @@ class Command(BaseCommand):
         if agents_file:
             agents = []
             for name, roles, capacity in DEMO_AGENTS:
-                agent, token = services.agent_ensure(name=name, roles=roles, capacity=capacity)
+                agent, token = agent_registry.agent_ensure(name=name, roles=roles, capacity=capacity)
                 agents.append({"name": agent.name, "roles": agent.roles, "capacity": agent.capacity, "token": token})
             path = Path(agents_file)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch(mode=0o600)
             path.write_text(json.dumps(agents, indent=1))
             self.stdout.write(f"Demo agents ready: {', '.join(a['name'] for a in agents)}.")
-        spec = services.WorkflowSpec(
+        spec = workflow_specs.WorkflowSpec(
             name="Demo: prototype a note-taking app",
             goal="Research, design, build, test and document a small note-taking app.",
             steps=tuple(
-                services.StepSpec(
+                workflow_specs.StepSpec(
                     key=key, name=name, role=role, description=f"{name} for the note-taking app prototype.",
                     depends_on=tuple(deps),
-                    files=tuple(services.FileSpec(path=path, mode=mode) for path, mode in files),
+                    files=tuple(workflow_specs.FileSpec(path=path, mode=mode) for path, mode in files),
                 )
                 for key, name, role, deps, files in DEMO_STEPS
             ),
         )
-        workflow = services.workflow_create(spec=spec)
+        workflow = workflow_creation.workflow_create(spec=spec)
         self.stdout.write(f"Submitted demo workflow {workflow.name!r} ({workflow.id}) with {workflow.total_steps} steps.")

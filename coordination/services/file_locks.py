@@ -1,0 +1,435 @@
+"""File locks: path -> holder, shared (`read`) or exclusive (`write`), with expiry and fencing numbers.
+
+A lock is granted under the project's transaction-scoped advisory lock (see
+`lock_order`), so two requests for overlapping paths (`src/` and `src/app.py`)
+are decided one after the other. Timestamps of grants and releases come from the
+database clock read after that lock, so the stored history orders grants exactly
+as they happened. A holder is (agent, step): an agent's two concurrent steps do
+not share locks. Locks under a step lease follow the lease: heartbeats renew
+them and the step's end releases them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any, Callable
+from uuid import UUID
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection, transaction
+from django.utils import timezone
+
+from coordination import notify, rows
+from coordination.errors import Conflict, Forbidden, InvalidRequest, LockConflict, NotFound, StaleLease
+from coordination.models import Agent, FileLock, LockMode, LockWaiter, Project, Step
+from coordination.paths import normalise_path, paths_overlap
+from coordination.services import event_log, leases, lock_order
+from coordination.services.projects import project_get_or_create
+from coordination.services.workflow_counters import actor
+
+MAX_PATHS_PER_REQUEST = 200
+LOCK_TTL_DEFAULT_S = 300
+LOCK_TTL_MAX_S = 3600
+LOCK_WAIT_MAX_S = 30
+SWEEP_BATCH = 1000
+
+# Plain SQL: an indexed overlap search (exact paths and LIKE prefixes) joined with the holder's name.
+LIVE_LOCKS_NEAR_SQL = """
+SELECT l.path, l.mode, l.agent_id, a.name AS agent_name, l.step_id, l.expires_at
+FROM coordination_filelock l LEFT JOIN coordination_agent a ON a.id = l.agent_id
+WHERE l.project_id = %(project)s AND l.released_at IS NULL AND l.expires_at > %(now)s
+  AND (l.path = ANY(%(exact)s::text[]) OR l.path LIKE ANY(%(prefixes)s::text[]))
+ORDER BY l.path, l.acquired_at
+"""
+
+# Plain SQL: bump every path's fencing counter (creating it at 1) in one upsert, read back by path.
+NEXT_FENCING_SQL = """
+INSERT INTO coordination_lockfence (project_id, path, last)
+SELECT %(project)s, p, 1 FROM unnest(%(paths)s::text[]) AS p
+ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
+RETURNING path, last
+"""
+
+# Plain SQL: release a set of steps' locks and learn their workflows in one UPDATE ... RETURNING.
+RELEASE_FOR_STEPS_SQL = """
+UPDATE coordination_filelock l
+SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = %(reason)s
+FROM coordination_step s
+WHERE l.step_id = ANY(%(steps)s::uuid[]) AND l.released_at IS NULL AND s.id = l.step_id
+RETURNING l.project_id, s.workflow_id, l.step_id, l.agent_id, l.path, l.mode, l.fencing
+"""
+
+# Plain SQL: expired locks taken in id order, skipping any another transaction holds (a concurrent sweep,
+# a staff release), marked released at their expiry, with their steps' workflows, in one round trip.
+SWEEP_EXPIRED_SQL = """
+WITH expired AS (
+    SELECT id FROM coordination_filelock
+    WHERE released_at IS NULL AND expires_at <= clock_timestamp()
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE coordination_filelock l
+SET released_at = l.expires_at, release_reason = 'expired'
+FROM expired
+WHERE l.id = expired.id
+RETURNING l.project_id, l.step_id, (SELECT st.workflow_id FROM coordination_step st WHERE st.id = l.step_id)
+          AS workflow_id, l.agent_id, l.path, l.mode, l.fencing
+"""
+
+
+@dataclass
+class LockBlocker:
+    path: str
+    mode: str
+    held_by: str | None
+    step_id: UUID | None
+    expires_at: datetime
+    queued: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "mode": self.mode,
+            "held_by": self.held_by,
+            "step_id": str(self.step_id) if self.step_id else None,
+            "expires_at": iso(self.expires_at),
+            **({"queued": True} if self.queued else {}),
+        }
+
+
+@dataclass
+class LockAttempt:
+    granted: list[FileLock] | None
+    blockers: list[LockBlocker]
+    project_id: UUID
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(dt_timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def db_now() -> datetime:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0]
+
+
+def normalise_paths(raw_paths: list[Any]) -> list[str]:
+    if not isinstance(raw_paths, list) or not raw_paths:
+        raise InvalidRequest("Give at least one path in `paths`.")
+    if len(raw_paths) > MAX_PATHS_PER_REQUEST:
+        raise InvalidRequest(f"At most {MAX_PATHS_PER_REQUEST} paths per request; split it up.")
+    return sorted({normalise_path(raw) for raw in raw_paths})
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _overlap_candidates(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Paths a live lock may have to overlap `paths` (exact values and LIKE prefixes), for an indexed query."""
+    exact = {"./"}
+    prefixes: list[str] = []
+    for path in paths:
+        exact.add(path)
+        if path == "./":
+            prefixes.append("%")
+            continue
+        if path.endswith("/"):
+            exact.add(path[:-1])
+            prefixes.append(_like_escape(path) + "%")
+        else:
+            exact.add(path + "/")
+        parts = path.rstrip("/").split("/")
+        for depth in range(1, len(parts)):
+            exact.add("/".join(parts[:depth]) + "/")
+    return sorted(exact), prefixes
+
+
+def _modes_conflict(a: str, b: str) -> bool:
+    return a == LockMode.WRITE or b == LockMode.WRITE
+
+
+def lock_blockers(
+    *, project_id: UUID, paths: list[str], mode: str, agent_id: UUID | None, step_id: UUID | None,
+    now: datetime, waiter_id: int | None,
+) -> list[LockBlocker]:
+    """Live locks, and requests queued ahead, that stop `paths` being granted in `mode` to this holder.
+
+    The caller holds the project's lock. A holder is (agent, step): an agent's
+    locks never block each other, except across its different steps, which may
+    run at the same time.
+    """
+    exact, prefixes = _overlap_candidates(paths)
+    blockers: list[LockBlocker] = []
+    with connection.cursor() as cursor:
+        cursor.execute(LIVE_LOCKS_NEAR_SQL, {"project": project_id, "now": now, "exact": exact, "prefixes": prefixes})
+        held = rows.fetch_all_named(cursor)
+    for lock in held:
+        if lock["agent_id"] == agent_id and lock["step_id"] == step_id:
+            continue
+        if _modes_conflict(mode, lock["mode"]) and any(paths_overlap(lock["path"], mine) for mine in paths):
+            blockers.append(LockBlocker(lock["path"], lock["mode"], lock["agent_name"], lock["step_id"],
+                                        lock["expires_at"]))
+    waiters = LockWaiter.objects.filter(project_id=project_id, expires_at__gt=now).select_related("agent")
+    if waiter_id is not None:
+        waiters = waiters.filter(id__lt=waiter_id)
+    for waiter in waiters.order_by("id"):
+        if waiter.agent_id == agent_id and waiter.step_id == step_id:
+            continue
+        if not _modes_conflict(mode, waiter.mode):
+            continue
+        for path in waiter.paths:
+            if any(paths_overlap(path, mine) for mine in paths):
+                blockers.append(LockBlocker(path, waiter.mode, waiter.agent.name if waiter.agent else None,
+                                            waiter.step_id, waiter.expires_at, queued=True))
+                break
+    return blockers
+
+
+def grant_locks(
+    *, project_id: UUID, paths: list[str], mode: str, agent: Agent | None, step: Step | None,
+    expires_at: datetime, now: datetime,
+) -> list[FileLock]:
+    """Insert the grants with fencing numbers larger than any before them for their paths (project lock held)."""
+    with connection.cursor() as cursor:
+        cursor.execute(NEXT_FENCING_SQL, {"project": project_id, "paths": paths})
+        fencing = {row["path"]: row["last"] for row in rows.fetch_all_named(cursor)}
+    locks = [
+        FileLock(project_id=project_id, path=path, mode=mode, agent=agent, step=step, fencing=fencing[path],
+                 acquired_at=now, expires_at=expires_at)
+        for path in paths
+    ]
+    FileLock.objects.bulk_create(locks)
+    return locks
+
+
+def lock_event_data(locks) -> dict[str, Any]:
+    return {"locks": [{"path": lock.path, "mode": lock.mode, "fencing": lock.fencing} for lock in locks]}
+
+
+def declared_files_by_mode(step: Step) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for file in step.files:
+        groups.setdefault(file["mode"], []).append(file["path"])
+    return {mode: sorted(paths) for mode, paths in groups.items()}
+
+
+def grant_declared_files(*, step: Step, agent: Agent, expires_at: datetime) -> dict[str, Any]:
+    """Lock a step's declared files for its new lease (the pull holds the project's lock); the event data."""
+    now = db_now()
+    locks: list[FileLock] = []
+    for mode, paths in declared_files_by_mode(step).items():
+        locks += grant_locks(project_id=step.workflow.project_id, paths=paths, mode=mode, agent=agent, step=step,
+                             expires_at=expires_at, now=now)
+    return lock_event_data(locks)
+
+
+@lock_order.retrying
+def _locks_try(
+    *, agent: Agent, project_name: str | None, paths: list[str], mode: str, step_id: UUID | None,
+    lease_token: str | None, ttl_s: int, waiter_id: int | None,
+) -> LockAttempt:
+    """One decision on a lock request: granted now, or the blockers (in its own transaction)."""
+    step = None
+    if step_id is not None:
+        step = lock_order.locked_step(step_id)
+        leases.held_attempt(step, agent, lease_token or "")
+        if not leases.lease_live(step, timezone.now()):
+            raise StaleLease(f"The lease on step {step.key!r} has ended; its locks cannot be taken.",
+                             step_status=step.status)
+        project = Project.objects.get(id=step.workflow.project_id)
+        if project_name and project_name != project.name:
+            raise InvalidRequest(
+                f"Step {step.key!r} works in project {project.name!r}, not {project_name!r}; omit `project` or fix it."
+            )
+    else:
+        name = project_name or "default"
+        project = project_get_or_create(name=name) if name == "default" else Project.objects.filter(name=name).first()
+        if project is None:
+            raise NotFound(f"Project {project_name!r} does not exist: check the name (workflows create projects).")
+    now = lock_order.lock_project(project.id)
+    blockers = lock_blockers(project_id=project.id, paths=paths, mode=mode, agent_id=agent.id,
+                             step_id=step.id if step else None, now=now, waiter_id=waiter_id)
+    if blockers:
+        return LockAttempt(granted=None, blockers=blockers, project_id=project.id)
+    expires_at = step.lease_expires_at if step is not None else now + timedelta(seconds=ttl_s)
+    locks = grant_locks(project_id=project.id, paths=paths, mode=mode, agent=agent, step=step,
+                        expires_at=expires_at, now=now)
+    event_log.event_record(kind="locks.granted", workflow_id=step.workflow_id if step else None,
+                           step_id=step.id if step else None, agent_id=agent.id,
+                           data={"project": project.name, "agent": agent.name, **lock_event_data(locks)})
+    return LockAttempt(granted=locks, blockers=[], project_id=project.id)
+
+
+def locks_acquire(
+    *, agent: Agent, paths: list[Any], mode: str, project_name: str | None = None, step_id: UUID | None = None,
+    lease_token: str | None = None, ttl_s: int | None = None, wait_s: float = 0,
+    release_connection: Callable[[], None] | None = None,
+) -> list[FileLock]:
+    """Grant all `paths` in `mode` to `agent`, or none (`LockConflict` naming the blockers).
+
+    With `wait_s`, the request queues (a `LockWaiter` row) and waits for the
+    blockers to go, holding no transaction: it re-checks when a lock of the
+    project is released (NOTIFY) or the first blocker expires. Requests queued
+    earlier for overlapping paths go first, so readers cannot starve a writer.
+    Under a step lease (`step_id` + `lease_token`) the locks follow the lease:
+    they expire with it, heartbeats renew them and the step's end releases them.
+    """
+    if mode not in LockMode.values:
+        raise InvalidRequest(f"mode {mode!r} is not 'read' or 'write'.")
+    if (step_id is None) != (lease_token is None):
+        raise InvalidRequest("Give `step_id` and `lease_token` together (a lock under a step lease), or neither.")
+    normalised = normalise_paths(paths)
+    ttl = ttl_s or LOCK_TTL_DEFAULT_S
+    if not 1 <= ttl <= LOCK_TTL_MAX_S:
+        raise InvalidRequest(f"ttl_s={ttl} is out of range 1..{LOCK_TTL_MAX_S}.")
+    if not 0 <= wait_s <= LOCK_WAIT_MAX_S:
+        raise InvalidRequest(f"wait_s={wait_s} is out of range 0..{LOCK_WAIT_MAX_S}.")
+    deadline = time.monotonic() + wait_s
+    waiter_row: LockWaiter | None = None
+    waiter = None
+    try:
+        while True:
+            attempt = _locks_try(agent=agent, project_name=project_name, paths=normalised, mode=mode,
+                                 step_id=step_id, lease_token=lease_token, ttl_s=ttl,
+                                 waiter_id=waiter_row.id if waiter_row else None)
+            if attempt.granted is not None:
+                return attempt.granted
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                first = attempt.blockers[0]
+                who = f"{first.held_by or 'another holder'}{' (queued ahead)' if first.queued else ''}"
+                raise LockConflict(
+                    f"{first.path} is held ({first.mode}) by {who} until {iso(first.expires_at)}: "
+                    "pick another step, wait (wait_s), or retry later.",
+                    conflicts=[blocker.as_dict() for blocker in attempt.blockers],
+                )
+            if waiter_row is None:
+                waiter = notify.listener.register(notify.LOCKS, [attempt.project_id])
+                now = db_now()
+                waiter_row = LockWaiter.objects.create(
+                    project_id=attempt.project_id, paths=normalised, mode=mode, agent=agent, step_id=step_id,
+                    created_at=now, expires_at=now + timedelta(seconds=remaining + 1),
+                )
+                continue  # re-check at once as a queued request
+            soonest = min(blocker.expires_at for blocker in attempt.blockers)
+            timeout = min(remaining, max(0.01, (soonest - db_now()).total_seconds()))
+            if release_connection is not None:
+                release_connection()
+            waiter.wait(timeout)
+    finally:
+        if waiter is not None:
+            notify.listener.unregister(waiter)
+        if waiter_row is not None:
+            with transaction.atomic():
+                LockWaiter.objects.filter(id=waiter_row.id).delete()
+                # Requests queued behind this one may go now.
+                notify.notify_locks([waiter_row.project_id])
+
+
+def _may_manage_lock(lock: FileLock, *, agent: Agent | None, user: AbstractBaseUser | None) -> bool:
+    if agent is not None:
+        return lock.agent_id == agent.id
+    return bool(user is not None and user.is_authenticated and user.is_staff)
+
+
+@lock_order.retrying
+def lock_release(*, lock_id: UUID, agent: Agent | None = None, user: AbstractBaseUser | None = None,
+                 reason: str = "released") -> FileLock:
+    """Release a lock: its holder, or staff (a force-release). Releasing a released lock changes nothing."""
+    lock = lock_order.lock_file_lock(lock_id)
+    if not _may_manage_lock(lock, agent=agent, user=user):
+        raise Forbidden("Only the lock's holder, or staff, may release it.")
+    if lock.released_at is not None:
+        return lock
+    now = db_now()
+    lock.released_at = min(now, lock.expires_at)
+    lock.release_reason = (reason if agent is not None else "forced")[:32]
+    lock.save(update_fields=["released_at", "release_reason"])
+    notify.notify_locks([lock.project_id])
+    event_log.event_record(kind="locks.released", workflow_id=lock.step.workflow_id if lock.step else None,
+                           step_id=lock.step_id, agent_id=lock.agent_id,
+                           data={"project": lock.project.name, "reason": lock.release_reason, **actor(user, agent),
+                                 **lock_event_data([lock])})
+    return lock
+
+
+@lock_order.retrying
+def lock_renew(*, lock_id: UUID, ttl_s: int, agent: Agent | None = None,
+               user: AbstractBaseUser | None = None) -> FileLock:
+    """Extend a live lock by `ttl_s` from now; a lock already expired or released is lost (409)."""
+    if not 1 <= ttl_s <= LOCK_TTL_MAX_S:
+        raise InvalidRequest(f"ttl_s={ttl_s} is out of range 1..{LOCK_TTL_MAX_S}.")
+    lock = lock_order.lock_file_lock(lock_id)
+    if not _may_manage_lock(lock, agent=agent, user=user):
+        raise Forbidden("Only the lock's holder, or staff, may renew it.")
+    now = db_now()
+    if lock.released_at is not None or lock.expires_at <= now:
+        raise Conflict(
+            f"The lock on {lock.path} has {'been released' if lock.released_at else 'expired'}; acquire it again.",
+        )
+    lock.expires_at = now + timedelta(seconds=ttl_s)
+    lock.save(update_fields=["expires_at"])
+    return lock
+
+
+def lock_renew_for_step(*, step: Step, expires_at: datetime) -> int:
+    """A heartbeat carries the step's locks along with its lease (the caller holds the step's row lock)."""
+    return FileLock.objects.filter(step=step, released_at__isnull=True, expires_at__gt=timezone.now()).update(
+        expires_at=expires_at
+    )
+
+
+def lock_release_for_step(*, step: Step, reason: str) -> int:
+    return lock_release_for_steps(step_ids=[step.id], reason=reason)
+
+
+def lock_release_for_steps(*, step_ids: list[UUID], reason: str) -> int:
+    """Release every live lock taken under these steps (their end, or their lease's); the caller holds the steps."""
+    if not step_ids:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(RELEASE_FOR_STEPS_SQL, {"reason": reason[:32], "steps": step_ids})
+        released = rows.fetch_all_named(cursor)
+    if released:
+        record_locks_released(released, reason=reason)
+    return len(released)
+
+
+def record_locks_released(released: list[dict[str, Any]], *, reason: str, kind: str = "locks.released") -> None:
+    """Wake lock waiters and record one event per (workflow, step, agent) for released lock rows.
+
+    Each row has `project_id`, `workflow_id`, `step_id`, `agent_id`, `path`, `mode`, `fencing`;
+    workflows are numbered in id order (the lock order's last rule).
+    """
+    notify.notify_locks({row["project_id"] for row in released})
+    grouped: dict[tuple, list] = {}
+    for row in released:
+        key = (row["workflow_id"], row["step_id"], row["agent_id"])
+        grouped.setdefault(key, []).append({"path": row["path"], "mode": row["mode"], "fencing": row["fencing"]})
+    for (workflow_id, step_id, agent_id), locks in sorted(grouped.items(), key=lambda item: str(item[0][0] or "")):
+        data = {"locks": locks} if kind == "locks.expired" else {"reason": reason, "locks": locks}
+        event_log.event_record(kind=kind, workflow_id=workflow_id, step_id=step_id, agent_id=agent_id, data=data)
+
+
+def locks_sweep(*, limit: int = SWEEP_BATCH) -> int:
+    """Mark expired locks released (they stopped blocking at `expires_at` already) and record it, in batches."""
+    total = 0
+    while True:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(SWEEP_EXPIRED_SQL, {"limit": limit})
+                expired = rows.fetch_all_named(cursor)
+            if expired:
+                record_locks_released(expired, reason="expired", kind="locks.expired")
+        total += len(expired)
+        if len(expired) < limit:
+            break
+    with transaction.atomic():
+        LockWaiter.objects.filter(expires_at__lt=timezone.now() - timedelta(minutes=1)).delete()
+    return total

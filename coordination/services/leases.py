@@ -1,0 +1,238 @@
+"""Leases: who holds a step, heartbeats that keep it, a hand-back, and the expiry of a dead agent's lease."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from coordination import notify, rows
+from coordination.errors import Forbidden, StaleLease
+from coordination.models import Agent, Attempt, AttemptOutcome, Step, StepStatus, WorkflowStatus
+from coordination.services import event_log, file_locks, lock_order, tokens
+from coordination.services.lock_order import Along
+from coordination.services.workflow_counters import add, new_event, settle_workflow, workflow_move
+
+SWEEP_BATCH = 1000
+
+# Plain SQL: many iterations in one INSERT from arrays, skipping those stored already, reporting which were new.
+INSERT_ITERATIONS_SQL = """
+INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
+SELECT %(attempt)s, u.i, u.t, u.a, u.o, statement_timestamp()
+FROM unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[]) AS u(i, t, a, o)
+ON CONFLICT (attempt_id, "index") DO NOTHING
+RETURNING "index"
+"""
+
+# Plain SQL: a recursive walk down the graph in the same UPDATE that skips what it finds.
+SKIP_DOWNSTREAM_SQL = """
+WITH RECURSIVE down(id) AS (
+    SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s
+    UNION
+    SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
+)
+UPDATE coordination_step s SET status = 'skipped', finished_at = %(now)s, updated_at = %(now)s
+FROM down WHERE s.id = down.id AND s.status = 'pending'
+RETURNING s.key
+"""
+
+
+@dataclass
+class IterationIn:
+    index: int
+    thought: str = ""
+    action: str = ""
+    observation: str = ""
+
+
+def held_attempt(step: Step, agent: Agent, lease_token: str) -> Attempt:
+    """The attempt `lease_token` belongs to, if `agent` holds it now; else the right error.
+
+    - never held by this agent: 403;
+    - held once but no longer (expired, reassigned, ended): 409 stale_lease.
+    """
+    hashed = tokens.token_hash(lease_token or "")
+    current = step.lease_attempt
+    if current is not None and hmac.compare_digest(hashed, step.lease_token_hash) and current.agent_id == agent.id:
+        return current
+    if not Attempt.objects.filter(step=step, agent=agent).exists():
+        raise Forbidden(f"Agent {agent.name!r} does not hold step {step.key!r}: pull it first.")
+    raise StaleLease(
+        f"This lease on step {step.key!r} is no longer yours (the step is {step.status}); "
+        "drop the work and pull another step.",
+        step_status=step.status,
+    )
+
+
+def lease_live(step: Step, now: datetime) -> bool:
+    return step.status == StepStatus.IN_PROGRESS and step.lease_expires_at is not None and step.lease_expires_at > now
+
+
+def store_iterations(attempt: Attempt, iterations: list[IterationIn]) -> list[int]:
+    """Store iterations not stored yet (a retried heartbeat repeats some); return the new indexes."""
+    unique = {it.index: it for it in iterations}
+    if not unique:
+        return []
+    items = list(unique.values())
+    with connection.cursor() as cursor:
+        cursor.execute(INSERT_ITERATIONS_SQL, {
+            "attempt": attempt.id, "indexes": [it.index for it in items], "thoughts": [it.thought for it in items],
+            "actions": [it.action for it in items], "observations": [it.observation for it in items]})
+        return sorted(row["index"] for row in rows.fetch_all_named(cursor))
+
+
+def end_attempt(attempt: Attempt, outcome: str, now: datetime) -> None:
+    Attempt.objects.filter(id=attempt.id).update(ended_at=now, outcome=outcome)
+    attempt.ended_at = now
+    attempt.outcome = outcome
+
+
+def backoff(charged_attempts: int) -> timedelta:
+    """Delay before a step is handed out again: none after the first attempt, then exponential, capped."""
+    if charged_attempts <= 1:
+        return timedelta(0)
+    seconds = settings.AM_RETRY_BACKOFF_BASE_S * 2 ** (charged_attempts - 2)
+    return timedelta(seconds=min(seconds, settings.AM_RETRY_BACKOFF_MAX_S))
+
+
+def requeue_or_fail(
+    *, step: Step, now: datetime, charge: bool, error: str, final: bool = False
+) -> tuple[str, list[str], timedelta]:
+    """Put a step whose lease ended without success back to `ready` while attempts remain, else fail it.
+
+    `charge=False` hands the attempt back uncharged (the step is always ready
+    again); `final=True` fails the step whatever attempts remain. A failure skips
+    everything pending downstream, which the caller has locked (`Along.DOWNSTREAM`).
+    Returns the new status, the keys of the downstream steps skipped, and the backoff.
+    """
+    if not charge:
+        step.attempts_released += 1
+    charged = step.attempt - step.attempts_released
+    step.lease_agent = None
+    step.lease_expires_at = None
+    step.lease_attempt = None
+    if not charge or (not final and charged < step.max_attempts):
+        delay = backoff(charged) if charge else timedelta(0)
+        step.status = StepStatus.READY
+        step.available_at = now + delay
+        step.error = error
+        step.save(update_fields=["status", "available_at", "error", "lease_agent", "lease_expires_at",
+                                 "lease_attempt", "attempts_released", "updated_at"])
+        notify.notify_ready([step.role])
+        return StepStatus.READY, [], delay
+    step.status = StepStatus.FAILED
+    step.error = error
+    step.finished_at = now
+    step.save(update_fields=["status", "error", "finished_at", "lease_agent", "lease_expires_at",
+                             "lease_attempt", "attempts_released", "updated_at"])
+    with connection.cursor() as cursor:
+        cursor.execute(SKIP_DOWNSTREAM_SQL, {"step": step.id, "now": now})
+        skipped = [row["key"] for row in rows.fetch_all_named(cursor)]
+    return StepStatus.FAILED, skipped, timedelta(0)
+
+
+@lock_order.retrying
+def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
+                   iterations: list[IterationIn] | None = None) -> dict[str, Any]:
+    """Extend a live lease (and its step's locks); store new reasoning iterations.
+
+    `cancel` is true when the workflow was cancelled or paused: the agent should stop.
+    """
+    now = timezone.now()
+    step = lock_order.locked_step(step_id)
+    attempt = held_attempt(step, agent, lease_token)
+    workflow = step.workflow
+    if step.status == StepStatus.CANCELLED or workflow.status == WorkflowStatus.CANCELLED:
+        return {"expires_at": now, "cancel": True}
+    if not lease_live(step, now):
+        raise StaleLease(
+            f"The lease on step {step.key!r} expired at {step.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}; "
+            "drop the work and pull another step.",
+            step_status=step.status,
+        )
+    step.lease_expires_at = now + timedelta(seconds=step.lease_ttl_s)
+    step.save(update_fields=["lease_expires_at", "updated_at"])
+    file_locks.lock_renew_for_step(step=step, expires_at=step.lease_expires_at)
+    added = store_iterations(attempt, iterations or [])
+    if added:
+        snapshot = workflow_move(step.workflow_id, {})
+        event_log.event_record_many([
+            new_event(snapshot.seqs(), "step.progress", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
+                      data={"attempt": attempt.number, "iterations": added})
+        ])
+    return {"expires_at": step.lease_expires_at, "cancel": workflow.status == WorkflowStatus.PAUSED}
+
+
+@lock_order.retrying
+def step_release(*, step_id: UUID, agent: Agent, lease_token: str) -> dict[str, Any]:
+    """Hand a held step back without charging an attempt (a worker shutting down, a paused workflow)."""
+    now = timezone.now()
+    step = lock_order.locked_step(step_id)
+    attempt = held_attempt(step, agent, lease_token)
+    if not lease_live(step, now):
+        raise StaleLease(f"The lease on step {step.key!r} has already ended.", step_status=step.status)
+    end_attempt(attempt, AttemptOutcome.RELEASED, now)
+    new_status, _, _ = requeue_or_fail(step=step, now=now, charge=False, error="")
+    file_locks.lock_release_for_step(step=step, reason="released")
+    snapshot = workflow_move(step.workflow_id, {StepStatus.IN_PROGRESS: -1, new_status: +1})
+    event_log.event_record_many([new_event(snapshot.seqs(), "step.handed_back", workflow_id=step.workflow_id,
+                                           step=step, agent_id=agent.id,
+                                           data={"agent": agent.name, "attempt": attempt.number})])
+    return {"step_id": str(step.id), "status": step.status}
+
+
+@lock_order.retrying
+def lease_expire(*, step_id: UUID) -> str | None:
+    """End a lease that ran out: back to `ready` after a backoff while attempts remain, else `failed`.
+
+    Re-checked under the row lock, so a heartbeat that arrived in time wins. In
+    a paused workflow the attempt is not charged. Returns the new status, or
+    None when there was nothing to expire.
+    """
+    now = timezone.now()
+    step = lock_order.locked_step(step_id, along=Along.DOWNSTREAM)
+    if step.status != StepStatus.IN_PROGRESS or step.lease_expires_at is None or step.lease_expires_at > now:
+        return None
+    attempt = step.lease_attempt
+    agent = Agent.objects.filter(id=step.lease_agent_id).first() if step.lease_agent_id else None
+    if attempt is not None:
+        end_attempt(attempt, AttemptOutcome.EXPIRED, now)
+    paused = step.workflow.status == WorkflowStatus.PAUSED
+    new_status, skipped, delay = requeue_or_fail(
+        step=step, now=now, charge=not paused,
+        error="" if paused else f"The lease of attempt {step.attempt} expired (no heartbeat).",
+    )
+    file_locks.lock_release_for_step(step=step, reason="lease_expired")
+    moves = {StepStatus.IN_PROGRESS: -1}
+    add(moves, new_status, 1)
+    add(moves, StepStatus.PENDING, -len(skipped))
+    add(moves, StepStatus.SKIPPED, len(skipped))
+    snapshot = workflow_move(step.workflow_id, moves, events=1 + bool(skipped))
+    seqs = snapshot.seqs()
+    events = [new_event(seqs, "step.lease_expired", workflow_id=step.workflow_id, step=step,
+                        agent_id=agent.id if agent else None,
+                        data={"agent": agent.name if agent else None, "attempt": step.attempt, "status": new_status,
+                              "backoff_s": delay.total_seconds()})]
+    if skipped:
+        events.append(new_event(seqs, "steps.skipped", workflow_id=step.workflow_id,
+                                data={"steps": skipped, "after": step.key}))
+    event_log.event_record_many(events)
+    settle_workflow(snapshot)
+    return new_status
+
+
+def leases_sweep(*, limit: int = SWEEP_BATCH) -> int:
+    """Expire every lease past its end (Celery beat); each in its own short transaction."""
+    now = timezone.now()
+    ids = list(
+        Step.objects.filter(status=StepStatus.IN_PROGRESS, lease_expires_at__lte=now)
+        .order_by("lease_expires_at")
+        .values_list("id", flat=True)[:limit]
+    )
+    return sum(1 for step_id in ids if lease_expire(step_id=step_id) is not None)

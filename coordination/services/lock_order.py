@@ -1,0 +1,299 @@
+"""The one order in which services lock rows, the helpers that take those locks, and the retry safety net.
+
+Every transaction that waits for more than one lock takes them in this order:
+
+1. the agent row (a pull: its capacity check and its grant are one decision);
+2. steps, by ascending id, all a transaction will change taken in one statement
+   (`ORDER BY id FOR UPDATE`): a report locks its step with the dependents it may
+   release or skip, a cancel every live step of the workflow, a retry or a
+   rework the steps it reopens;
+3. the project (a transaction-scoped advisory lock that serialises lock grants);
+4. file lock rows (a lock's holder and staff release single rows; the sweep
+   takes expired ones by id, skipping those in use);
+5. workflow rows, by ascending id (the counters, the event sequence, the status).
+
+Nothing here is ever locked in the other direction, so two services can never
+wait on each other. Locks that never wait do not count: a pull claims its step
+with `SKIP LOCKED` after the agent and may pass over a step whose files are
+locked, and a second project in the same pull is only *tried*
+(`pg_try_advisory_xact_lock`), never waited for.
+
+What PostgreSQL still refuses (a deadlock, a serialization failure, a lock wait
+timeout) is retried by `retrying` in a new transaction, a bounded number of
+times; after that the caller gets `Busy` (503 `busy`: retry later), which never
+claims PostgreSQL is down.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from enum import Enum
+from typing import Any, Callable, TypeVar
+from uuid import UUID
+
+from django.db import OperationalError, connection, transaction
+
+from coordination import rows
+from coordination.errors import Busy, NotFound
+from coordination.models import Attempt, FileLock, Step, Workflow
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATEs of a transaction PostgreSQL rolled back because of other transactions: safe to run again.
+RETRYABLE_SQLSTATES = {
+    "40P01": "a deadlock with another transaction",
+    "40001": "a serialization failure",
+    "55P03": "a lock that was not free in time",
+}
+MAX_TRIES = 4
+
+
+class RetryTransaction(Exception):
+    """Raised inside a service when what it locked changed under it: run the whole transaction again."""
+
+
+def conflict_reason(exc: BaseException) -> str | None:
+    """Why PostgreSQL refused a transaction that may succeed if run again, or None."""
+    cause = exc.__cause__ if isinstance(exc, OperationalError) else exc
+    return RETRYABLE_SQLSTATES.get(getattr(cause, "sqlstate", None) or "")
+
+
+def retrying(function: Callable[..., T]) -> Callable[..., T]:
+    """Run a service in a transaction of its own; run it again when PostgreSQL rolled it back for a conflict.
+
+    Inside a caller's transaction it joins that transaction (as `transaction.atomic`
+    does) and cannot retry: the caller's transaction is the unit that failed.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        if connection.in_atomic_block:
+            with transaction.atomic():
+                return function(*args, **kwargs)
+        for attempt in range(1, MAX_TRIES + 1):
+            try:
+                with transaction.atomic():
+                    return function(*args, **kwargs)
+            except (OperationalError, RetryTransaction) as exc:
+                reason = "a change under its locks" if isinstance(exc, RetryTransaction) else conflict_reason(exc)
+                if reason is None:
+                    raise
+                if attempt == MAX_TRIES:
+                    logger.warning("%s gave up after %d tries: %s.", function.__name__, attempt, reason)
+                    raise Busy(
+                        f"The server was busy ({reason}, {attempt} times); nothing was changed. "
+                        "Send the request again.",
+                        retryable=True,
+                    ) from exc
+                logger.info("%s ran into %s; trying again (%d/%d).", function.__name__, reason, attempt, MAX_TRIES)
+                time.sleep(random.uniform(0.005, 0.02) * attempt)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+# --- 1. agents -------------------------------------------------------------------
+
+# Plain SQL: the pull's first statement, on every pull; nothing to read back.
+LOCK_AGENT_SQL = "SELECT 1 FROM coordination_agent WHERE id = %(agent)s FOR UPDATE"
+
+
+def lock_agent(agent_id: UUID) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(LOCK_AGENT_SQL, {"agent": agent_id})
+
+
+# --- 2. steps ----------------------------------------------------------------------
+
+
+class Along(Enum):
+    """Which other steps a service locks with the one it works on (all in one statement, by id)."""
+
+    NONE = "none"
+    DEPENDENTS = "dependents"  # its direct dependents: a completion releases them
+    DOWNSTREAM = "downstream"  # everything downstream: a failure skips it, a retry reopens it
+
+
+_ALONG_SQL = {
+    Along.NONE: "",
+    Along.DEPENDENTS: "OR t.id IN (SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s)",
+    Along.DOWNSTREAM: "OR t.id IN (SELECT id FROM down)",
+}
+
+_DOWNSTREAM_CTE = """down(id) AS (
+    SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s
+    UNION
+    SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
+), """
+
+# Plain SQL, because the ORM cannot say it in one round trip: on every heartbeat and report.
+# `targets` locks the step and the steps it may change, in id order; the outer query locks the step
+# again (already ours, so at once) to read its newest version, with its workflow, its current
+# attempt and, for a report, the answer already given to the same lease (`replay`).
+_LOCKED_STEP_SQL = """
+WITH {recursive}{downstream}targets AS MATERIALIZED (
+    SELECT t.id FROM coordination_step t WHERE t.id = %(step)s {along}
+    ORDER BY t.id
+    FOR UPDATE
+)
+SELECT {step_columns}, {workflow_columns}, {attempt_columns}, {replay} AS replay
+FROM coordination_step s
+JOIN coordination_workflow w ON w.id = s.workflow_id
+LEFT JOIN coordination_attempt a ON a.id = s.lease_attempt_id
+WHERE s.id = %(step)s AND EXISTS (SELECT 1 FROM targets)
+FOR UPDATE OF s
+"""
+_REPLAY_SQL = """(
+    SELECT r.response FROM coordination_result r JOIN coordination_attempt ra ON ra.id = r.attempt_id
+    WHERE r.step_id = s.id AND ra.lease_token_hash = %(hash)s AND ra.agent_id = %(agent)s)"""
+
+
+def _locked_step_sql(along: Along, replay: bool) -> str:
+    return _LOCKED_STEP_SQL.format(
+        recursive="RECURSIVE " if along is Along.DOWNSTREAM else "",
+        downstream=_DOWNSTREAM_CTE if along is Along.DOWNSTREAM else "",
+        along=_ALONG_SQL[along],
+        step_columns=rows.select_list(Step, "s"),
+        workflow_columns=rows.select_list(Workflow, "w"),
+        attempt_columns=rows.select_list(Attempt, "a"),
+        replay=_REPLAY_SQL if replay else "NULL",
+    )
+
+
+LOCKED_STEP_SQL = {(along, replay): _locked_step_sql(along, replay) for along in Along for replay in (False, True)}
+
+
+def locked_step(step_id: UUID, *, along: Along = Along.NONE, replay_for: tuple[str, UUID] | None = None) -> Step:
+    """The step, locked with the steps `along` it, with its workflow and current attempt (`lease_attempt`).
+
+    `replay_for=(lease token hash, agent id)`: also read the answer already given
+    to a report of that lease, as `step.replay` (None if there was none).
+    """
+    params: dict[str, Any] = {"step": step_id}
+    if replay_for is not None:
+        params["hash"], params["agent"] = replay_for
+    with connection.cursor() as cursor:
+        cursor.execute(LOCKED_STEP_SQL[(along, replay_for is not None)], params)
+        row = rows.fetch_named(cursor)
+    if row is None:
+        raise NotFound(f"Step {step_id} does not exist.")
+    step = rows.from_named(Step, row, "s")
+    step.workflow = rows.from_named(Workflow, row, "w")
+    step.lease_attempt = rows.from_named(Attempt, row, "a")
+    replay = row["replay"]
+    step.replay = rows.json_value(replay)
+    return step
+
+
+# Plain SQL: `FOR UPDATE` in id order with the statuses as they are once locked (one round trip).
+LOCK_LIVE_STEPS_SQL = """
+SELECT id, status FROM coordination_step
+WHERE workflow_id = %(workflow)s AND status IN ('pending', 'ready', 'in_progress')
+ORDER BY id
+FOR UPDATE
+"""
+
+
+def lock_live_steps(workflow_id: UUID) -> list[dict[str, Any]]:
+    """Every step of a workflow that is not finished, locked: [{"id", "status"}] (a cancel)."""
+    with connection.cursor() as cursor:
+        cursor.execute(LOCK_LIVE_STEPS_SQL, {"workflow": workflow_id})
+        return rows.fetch_all_named(cursor)
+
+
+# Plain SQL: `FOR UPDATE` in id order, nothing read back.
+LOCK_ALL_STEPS_SQL = "SELECT id FROM coordination_step WHERE workflow_id = %(workflow)s ORDER BY id FOR UPDATE"
+
+
+def lock_all_steps(workflow_id: UUID) -> None:
+    """Every step of a workflow, locked (an edit of the workflow's priority, a deletion)."""
+    with connection.cursor() as cursor:
+        cursor.execute(LOCK_ALL_STEPS_SQL, {"workflow": workflow_id})
+
+
+# Plain SQL: a recursive walk down the graph, then the rows locked in id order, in one round trip.
+LOCK_STEPS_AND_DOWNSTREAM_SQL = """
+WITH RECURSIVE down(id) AS (
+    SELECT id FROM coordination_step WHERE workflow_id = %(workflow)s AND key = ANY(%(keys)s::text[])
+    UNION
+    SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
+)
+SELECT s.id FROM coordination_step s WHERE s.id IN (SELECT id FROM down)
+ORDER BY s.id
+FOR UPDATE
+"""
+
+
+def lock_steps_and_downstream(workflow_id: UUID, keys: list[str]) -> list[Step]:
+    """The steps named by key and everything downstream of them, locked (a rework)."""
+    with connection.cursor() as cursor:
+        cursor.execute(LOCK_STEPS_AND_DOWNSTREAM_SQL, {"workflow": workflow_id, "keys": keys})
+        ids = [row["id"] for row in rows.fetch_all_named(cursor)]
+    return list(Step.objects.filter(id__in=ids).order_by("id"))
+
+
+def lock_step_for_edit(step_id: UUID) -> Step:
+    """One step, locked on its own (an edit of its descriptive fields changes no other row but the event's)."""
+    step = Step.objects.select_for_update(of=("self",)).select_related("workflow").filter(id=step_id).first()
+    if step is None:
+        raise NotFound(f"Step {step_id} does not exist.")
+    return step
+
+
+# --- 3. projects -------------------------------------------------------------------
+
+
+def advisory_key(project_id: UUID) -> int:
+    """The project's advisory lock key: the id's first 64 bits as a signed bigint."""
+    value = project_id.int >> 64
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+# Plain SQL: advisory locks have no ORM form; the database clock is read after the lock is held.
+LOCK_PROJECT_SQL = "SELECT pg_advisory_xact_lock(%(key)s) AS locked, clock_timestamp() AS now"
+TRY_LOCK_PROJECT_SQL = "SELECT pg_try_advisory_xact_lock(%(key)s) AS locked, clock_timestamp() AS now"
+
+
+def lock_project(project_id: UUID):
+    """Serialise lock decisions in a project; return the database clock read after the lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(LOCK_PROJECT_SQL, {"key": advisory_key(project_id)})
+        return rows.fetch_named(cursor)["now"]
+
+
+def try_lock_project(project_id: UUID):
+    """As `lock_project` without waiting: the clock if the lock was free (or ours already), else None."""
+    with connection.cursor() as cursor:
+        cursor.execute(TRY_LOCK_PROJECT_SQL, {"key": advisory_key(project_id)})
+        row = rows.fetch_named(cursor)
+    return row["now"] if row["locked"] else None
+
+
+# --- 4. file locks -----------------------------------------------------------------
+
+
+def lock_file_lock(lock_id: UUID) -> FileLock:
+    lock = (
+        FileLock.objects.select_for_update(of=("self",))
+        .select_related("agent", "project", "step")
+        .filter(id=lock_id)
+        .first()
+    )
+    if lock is None:
+        raise NotFound(f"Lock {lock_id} does not exist.")
+    return lock
+
+
+# --- 5. workflows ------------------------------------------------------------------
+
+
+def lock_workflow(workflow_id: UUID) -> Workflow:
+    workflow = Workflow.objects.select_for_update(of=("self",)).select_related("project").filter(id=workflow_id).first()
+    if workflow is None:
+        raise NotFound(f"Workflow {workflow_id} does not exist.")
+    return workflow

@@ -1,0 +1,333 @@
+"""Pulling work: an agent leases the best ready step of its roles, at once or after a long-poll.
+
+One protocol for every worker: the REST pull (`GET /v1/tasks/{role}/ready`) and
+the MCP tools `pull_step` and `list_ready` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable
+from uuid import UUID
+
+from django.db import connection
+from django.utils import timezone
+
+from coordination import notify, rows
+from coordination.errors import AtCapacity, Conflict, InvalidRequest
+from coordination.events import event_published
+from coordination.models import Agent, Attempt, Event, Project, Step, StepStatus, Workflow
+from coordination.services import agent_registry, file_locks, lock_order, tokens
+
+MAX_WAIT_S = 30
+# How many ready steps a pull may pass over because their files are locked.
+MAX_LOCK_BLOCKED_CANDIDATES = 25
+MAX_LISTED = 50
+
+
+@dataclass
+class Lease:
+    step: Step
+    attempt: Attempt
+    token: str
+    inputs: dict[str, Any]
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.step.lease_expires_at
+
+
+@dataclass
+class PullMiss:
+    """No step was handed out.
+
+    `next_available_at`: when a backed-off step becomes ready, if any.
+    `blocked_projects`: projects whose ready steps were passed over because
+    their declared files are locked; a lock released there is worth a re-check.
+    """
+
+    next_available_at: datetime | None
+    blocked_projects: set[UUID] = field(default_factory=set)
+
+
+# Plain SQL, one round trip on every pull: the capacity check and the claim. It runs after the agent's
+# row is locked, so its snapshot sees every lease the agent was granted before. The claim takes the best
+# ready step with `FOR UPDATE SKIP LOCKED` (concurrent pulls never get the same one, and never wait) and
+# brings what the lease answer needs: the workflow's and project's names and the dependencies' results.
+# One role (the usual pull) reads the ready-queue index in order and stops at the first unlocked row;
+# several roles merge their queues (a sort of their ready steps).
+_CLAIM_SQL = f"""
+SELECT held.n AS held, c.*
+FROM (SELECT count(*) AS n FROM coordination_step
+      WHERE lease_agent_id = %(agent)s AND status = 'in_progress') AS held
+LEFT JOIN LATERAL (
+    SELECT {rows.select_list(Step, "s")},
+           w.name AS workflow_name, w.project_id AS project_id, p.name AS project_name,
+           (SELECT coalesce(json_agg(json_build_array(d.key, d.final_result, d.outputs) ORDER BY d.key), '[]')
+            FROM coordination_stepdependency e JOIN coordination_step d ON d.id = e.depends_on_id
+            WHERE e.step_id = s.id) AS dep_results
+    FROM coordination_step s
+    JOIN coordination_workflow w ON w.id = s.workflow_id
+    JOIN coordination_project p ON p.id = w.project_id
+    WHERE held.n < %(capacity)s
+      AND s.status = 'ready' AND {{role_condition}} AND s.role <> 'human' AND s.available_at <= %(now)s
+      AND w.status = 'running'
+      AND NOT (s.id = ANY(%(passed_over)s::uuid[]))
+    ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
+    LIMIT 1
+    FOR UPDATE OF s SKIP LOCKED
+) AS c ON true
+"""
+CLAIM_ONE_ROLE_SQL = _CLAIM_SQL.format(role_condition="s.role = %(role)s")
+CLAIM_ROLES_SQL = _CLAIM_SQL.format(role_condition="s.role = ANY(%(roles)s::text[])")
+
+# Plain SQL: a min() over a join, read as one value.
+NEXT_AVAILABLE_SQL = """
+SELECT min(s.available_at) AS next_available_at FROM coordination_step s
+JOIN coordination_workflow w ON w.id = s.workflow_id
+WHERE s.status = 'ready' AND s.role = ANY(%(roles)s::text[]) AND s.available_at > %(now)s AND w.status = 'running'
+"""
+
+# Plain SQL, one round trip on every grant: the attempt, the step's lease, the counters and the event.
+GRANT_SQL = """
+WITH attempt AS (
+    INSERT INTO coordination_attempt (id, step_id, agent_id, number, lease_token_hash, idempotency_key, started_at,
+                                      expires_at, ended_at, outcome)
+    VALUES (%(attempt)s, %(step)s, %(agent)s, %(number)s, %(hash)s, %(key)s, %(now)s, %(expires)s, NULL, '')
+    RETURNING id
+), step AS (
+    UPDATE coordination_step
+    SET status = 'in_progress', attempt = %(number)s, lease_agent_id = %(agent)s, lease_token_hash = %(hash)s,
+        lease_expires_at = %(expires)s, lease_attempt_id = %(attempt)s, started_at = coalesce(started_at, %(now)s),
+        updated_at = %(now)s
+    WHERE id = %(step)s
+    RETURNING started_at
+), workflow AS (
+    UPDATE coordination_workflow
+    SET event_seq = event_seq + 1, n_ready = n_ready - 1, n_in_progress = n_in_progress + 1,
+        updated_at = statement_timestamp()
+    WHERE id = %(workflow)s
+    RETURNING event_seq
+)
+INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+SELECT %(workflow)s, workflow.event_seq, 'step.leased', %(step)s, %(agent)s, %(data)s::jsonb, %(now)s
+FROM workflow, step, attempt
+RETURNING id AS event_id, seq, (SELECT started_at FROM step) AS started_at
+"""
+
+
+def parse_pull_roles(raw: str) -> list[str]:
+    """The roles of a pull or a listing (`"developer,tester"`): slugs, de-duplicated, order kept."""
+    return agent_registry.parse_roles(raw, registering=False)
+
+
+def parse_wait(raw: Any) -> float:
+    """Seconds to long-poll, 0 to `MAX_WAIT_S`; a string (a query parameter) or a number (an MCP argument)."""
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"wait={raw!r} is not a number: give seconds from 0 to {MAX_WAIT_S}.") from None
+    if not 0 <= wait <= MAX_WAIT_S:  # also refuses NaN
+        raise InvalidRequest(f"wait={raw} is out of range: give seconds from 0 to {MAX_WAIT_S}.")
+    return wait
+
+
+def step_inputs(step: Step) -> dict[str, Any]:
+    """The results of a step's dependencies, by key, plus what the server added (feedback)."""
+    inputs: dict[str, Any] = {
+        key: {"final_result": final_result, "outputs": outputs}
+        for key, final_result, outputs in Step.objects.filter(downstream_edges__step_id=step.id)
+        .order_by("key")
+        .values_list("key", "final_result", "outputs")
+    }
+    inputs.update(step.extra_inputs or {})
+    return inputs
+
+
+@lock_order.retrying
+def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> Lease | PullMiss:
+    """Lease the best ready step of `roles` to `agent`, atomically.
+
+    1. A retried request (same `idempotency_key`) gets its open lease back.
+    2. The agent row is locked, so its capacity check and grant are one step.
+    3. The oldest ready step of the highest priority is claimed with
+       `FOR UPDATE SKIP LOCKED`: concurrent pulls never get the same step.
+    4. The step moves to `in_progress` under a new `Attempt`; counters and the
+       event log follow in the same transaction.
+    """
+    agent_registry.check_roles(agent, roles)
+    if idempotency_key:
+        previous = (
+            Attempt.objects.select_related("step__workflow__project")
+            .filter(agent=agent, idempotency_key=idempotency_key)
+            .order_by("-started_at")
+            .first()
+        )
+        if previous is not None:
+            if previous.ended_at is None and previous.step.lease_attempt_id == previous.id:
+                return Lease(step=previous.step, attempt=previous, token=tokens.lease_token_for(previous.id),
+                             inputs=step_inputs(previous.step))
+            raise Conflict(
+                f"Idempotency-Key {idempotency_key!r} was used for step {previous.step.key!r}, whose lease has ended; "
+                "send a new key with every new pull.",
+            )
+    lock_order.lock_agent(agent.id)
+    now = timezone.now()
+    passed_over: list[UUID] = []
+    blocked_projects: set[UUID] = set()
+    locked_projects: set[UUID] = set()
+    with connection.cursor() as cursor:
+        for _ in range(MAX_LOCK_BLOCKED_CANDIDATES):
+            cursor.execute(CLAIM_ONE_ROLE_SQL if len(roles) == 1 else CLAIM_ROLES_SQL, {
+                "agent": agent.id, "capacity": agent.capacity, "role": roles[0], "roles": roles, "now": now,
+                "passed_over": passed_over})
+            row = rows.fetch_named(cursor)
+            if row["held"] >= agent.capacity:
+                raise AtCapacity(
+                    f"Agent {agent.name!r} holds {row['held']} step(s), its capacity; report or hand back one before "
+                    "pulling another.",
+                    held=row["held"],
+                    capacity=agent.capacity,
+                )
+            step = _claimed_step(row)
+            if step is None:
+                break
+            if step.files and _declared_files_blocked(step=step, agent=agent, locked_projects=locked_projects):
+                # Lock-aware scheduling: hand out another step rather than one that would wait.
+                passed_over.append(step.id)
+                blocked_projects.add(step.workflow.project_id)
+                continue
+            return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now,
+                          dep_results=rows.json_value(row["dep_results"]))
+        cursor.execute(NEXT_AVAILABLE_SQL, {"roles": roles, "now": now})
+        next_available_at = rows.fetch_named(cursor)["next_available_at"]
+    return PullMiss(next_available_at=next_available_at, blocked_projects=blocked_projects)
+
+
+def _claimed_step(row: dict[str, Any]) -> Step | None:
+    """The Step of a claim row (with its workflow and project, names only), or None when nothing was claimed."""
+    step = rows.from_named(Step, row, "s")
+    if step is None:
+        return None
+    workflow = Workflow(id=step.workflow_id, name=row["workflow_name"], project_id=row["project_id"])
+    workflow.project = Project(id=row["project_id"], name=row["project_name"])
+    step.workflow = workflow
+    return step
+
+
+def _declared_files_blocked(*, step: Step, agent: Agent, locked_projects: set[UUID]) -> bool:
+    """Whether a step's declared files are held by others (or queued for); takes the project's lock.
+
+    The first project of a pull is waited for; another one is only tried (see
+    `lock_order`): a project that is busy counts as blocked.
+    """
+    project_id = step.workflow.project_id
+    if locked_projects and project_id not in locked_projects:
+        now = lock_order.try_lock_project(project_id)
+        if now is None:
+            return True
+    else:
+        now = lock_order.lock_project(project_id)
+    locked_projects.add(project_id)
+    return any(
+        file_locks.lock_blockers(project_id=project_id, paths=paths, mode=mode, agent_id=agent.id, step_id=step.id,
+                                 now=now, waiter_id=None)
+        for mode, paths in file_locks.declared_files_by_mode(step).items()
+    )
+
+
+def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime, dep_results: list) -> Lease:
+    """Lease a claimed step: its attempt, the step's lease, the counters and the event, in one statement."""
+    attempt = Attempt(
+        step=step,
+        agent=agent,
+        number=step.attempt + 1,
+        idempotency_key=idempotency_key,
+        started_at=now,
+        expires_at=now + timedelta(seconds=step.lease_ttl_s),
+    )
+    token = tokens.lease_token_for(attempt.id)
+    attempt.lease_token_hash = tokens.token_hash(token)
+    data = {"step": step.key, "agent": agent.name, "attempt": attempt.number,
+            "expires_at": file_locks.iso(attempt.expires_at)}
+    if step.files:
+        # The declared files come with the lease, in the same transaction (the project lock is held).
+        data.update(file_locks.grant_declared_files(step=step, agent=agent, expires_at=attempt.expires_at))
+    with connection.cursor() as cursor:
+        cursor.execute(GRANT_SQL, {
+            "attempt": attempt.id, "step": step.id, "agent": agent.id, "number": attempt.number,
+            "hash": attempt.lease_token_hash, "key": idempotency_key, "now": now, "expires": attempt.expires_at,
+            "workflow": step.workflow_id, "data": json.dumps(data),
+        })
+        granted = rows.fetch_named(cursor)
+    attempt._state.adding = False
+    step.status = StepStatus.IN_PROGRESS
+    step.attempt = attempt.number
+    step.lease_agent = agent
+    step.lease_token_hash = attempt.lease_token_hash
+    step.lease_expires_at = attempt.expires_at
+    step.lease_attempt = attempt
+    step.started_at = granted["started_at"]
+    step.updated_at = now
+    event_published(Event(id=granted["event_id"], workflow_id=step.workflow_id, seq=granted["seq"],
+                          kind="step.leased", step_id=step.id, agent_id=agent.id, data=data, at=now))
+    inputs = {key: {"final_result": final_result, "outputs": outputs} for key, final_result, outputs in dep_results}
+    inputs.update(step.extra_inputs or {})
+    return Lease(step=step, attempt=attempt, token=token, inputs=inputs)
+
+
+def pull_waiting(*, agent: Agent, roles: list[str], wait: float, idempotency_key: str = "",
+                 release_connection: Callable[[], None] | None = None) -> Lease | None:
+    """Pull, waiting up to `wait` seconds for a step to become ready (holding no database connection meanwhile).
+
+    The long-poll of the REST pull and of the MCP `pull_step` tool. It wakes when
+    a step of these roles becomes ready (NOTIFY), when a backed-off step's time
+    comes, or when a lock is released in a project whose steps it passed over.
+    """
+    deadline = time.monotonic() + wait
+    waiter = notify.listener.register(notify.STEP_READY, roles) if wait > 0 else None
+    try:
+        while True:
+            result = step_pull(agent=agent, roles=roles, idempotency_key=idempotency_key)
+            if isinstance(result, Lease):
+                return result
+            remaining = deadline - time.monotonic()
+            if waiter is None or remaining <= 0:
+                return None
+            timeout = remaining
+            waiter.also(notify.LOCKS, result.blocked_projects)
+            if result.next_available_at is not None:
+                timeout = min(timeout, max(0.01, (result.next_available_at - timezone.now()).total_seconds()))
+            (release_connection or release_idle_connection)()
+            waiter.wait(timeout)
+    finally:
+        if waiter is not None:
+            notify.listener.unregister(waiter)
+
+
+def release_idle_connection() -> None:
+    """Hold no database connection while a request waits (unless a caller's transaction is open)."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+def steps_pullable(*, agent: Agent, roles: list[str], limit: int = MAX_LISTED) -> list[Step]:
+    """The steps a pull by `agent` could be handed now, in the order a pull takes them (MCP `list_ready`).
+
+    Only roles the agent holds (403 otherwise); steps waiting out a backoff, of
+    paused workflows, or approval steps are not listed. Locks are not checked:
+    a listed step whose files are locked may still be passed over.
+    """
+    agent_registry.check_roles(agent, roles)
+    return list(
+        Step.objects.filter(status=StepStatus.READY, role__in=roles, available_at__lte=timezone.now(),
+                            workflow__status="running")
+        .exclude(role=agent_registry.HUMAN_ROLE)
+        .select_related("workflow")
+        .order_by("-workflow_priority", "-priority", "available_at")[:limit]
+    )

@@ -1,0 +1,363 @@
+"""Reports: a worker's result applied to its step (or a person's decision on an approval step).
+
+A completion releases the dependents whose last dependency it was; a failure
+retries the step after a backoff while attempts remain, else fails it and skips
+what is downstream. Only the current lease's holder may report; a report sent
+again gets the first answer back and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection, transaction
+from django.utils import timezone
+
+from agents.llm.base import Usage  # one definition for workers and server
+from coordination import notify, rows
+from coordination.errors import InvalidState, StaleLease
+from coordination.events import event_published
+from coordination.models import STEP_COUNTER_FIELDS, Agent, Attempt, AttemptOutcome, Event, Result, Step, StepStatus, WorkflowStatus
+from coordination.services import event_log, file_locks, leases, lock_order, tokens, workflow_control
+from coordination.services.agent_registry import HUMAN_ROLE
+from coordination.services.leases import IterationIn
+from coordination.services.lock_order import Along
+from coordination.services.workflow_counters import (
+    COUNTER_COLUMNS,
+    SETTLED_STATUS_SQL,
+    WorkflowSnapshot,
+    add,
+    new_event,
+    settle_workflow,
+    workflow_after,
+    workflow_move,
+)
+
+logger = logging.getLogger(__name__)
+
+# Plain SQL, one statement for a whole completion, so the workflow row (every pull and report of the
+# workflow takes it) is held only from this statement to the commit: the attempt and the step, the
+# dependents it releases (with their NOTIFY), its locks, the workflow's counters, spend and event numbers,
+# the events, and the `Result` with the answer a repeated report gets.
+_COMPLETE_SQL = """
+WITH attempt AS (
+    UPDATE coordination_attempt SET ended_at = %(now)s, outcome = 'completed' WHERE id = %(attempt)s RETURNING id
+), step AS (
+    UPDATE coordination_step
+    SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
+        finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
+        updated_at = %(now)s
+    WHERE id = %(step)s
+    RETURNING id
+), released AS (
+    UPDATE coordination_step s
+    SET remaining_deps = s.remaining_deps - 1,
+        status = CASE WHEN s.remaining_deps = 1 THEN 'ready' ELSE s.status END,
+        available_at = CASE WHEN s.remaining_deps = 1 THEN %(now)s ELSE s.available_at END,
+        updated_at = %(now)s
+    FROM coordination_stepdependency e
+    WHERE e.depends_on_id = %(step)s AND s.id = e.step_id AND s.status = 'pending'
+    RETURNING s.key, s.status, s.role
+), ready AS (
+    SELECT coalesce(array_agg(key ORDER BY key), '{{}}') AS released_keys,
+           coalesce(array_agg(DISTINCT role), '{{}}') AS released_roles, count(*) AS n_released
+    FROM released WHERE status = 'ready'
+), locks AS (
+    UPDATE coordination_filelock l
+    SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = 'completed'
+    WHERE l.step_id = %(step)s AND l.released_at IS NULL
+    RETURNING l.project_id, l.agent_id, l.path, l.mode, l.fencing
+), workflow AS (
+    UPDATE coordination_workflow w
+    SET event_seq = event_seq + 1 + (ready.n_released > 0)::int, {counter_sets},
+        spent_usd = spent_usd + %(usd)s, spent_tokens = spent_tokens + %(tokens)s, updated_at = statement_timestamp()
+    FROM ready
+    WHERE w.id = %(workflow)s
+    RETURNING w.event_seq, w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens,
+              {counter_columns}, ready.released_keys, ready.released_roles, ready.n_released
+), settled AS (
+    SELECT {settled_status} AS status FROM workflow w
+), events AS (
+    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+    SELECT %(workflow)s, w.event_seq - (w.n_released > 0)::int, 'step.completed', %(step)s, %(agent)s::uuid,
+           %(data)s::jsonb, %(now)s
+    FROM workflow w
+    UNION ALL
+    SELECT %(workflow)s, w.event_seq, 'steps.released', NULL, NULL,
+           jsonb_build_object('steps', to_jsonb(w.released_keys), 'by', %(key)s::text), %(now)s
+    FROM workflow w WHERE w.n_released > 0
+    RETURNING id, seq
+), result AS (
+    INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error, retryable, model,
+                                     prompt_tokens, completion_tokens, cost_usd, execution_time_s, response, created_at)
+    SELECT %(result)s, %(attempt)s, %(step)s, 'completed', %(final_result)s, %(outputs)s::jsonb, '', false, %(model)s,
+           %(prompt_tokens)s, %(completion_tokens)s, %(usd)s, %(execution_time_s)s,
+           jsonb_build_object('step_id', %(step)s::text, 'status', 'completed', 'workflow_status', settled.status,
+                              'released', to_jsonb(w.released_keys)),
+           %(now)s
+    FROM workflow w, settled
+    RETURNING id
+)
+SELECT workflow.*, settled.status AS settled_status,
+       (SELECT count(pg_notify('{ready_channel}', r)) FROM unnest(workflow.released_roles) AS r) AS notified,
+       (SELECT coalesce(json_agg(json_build_object('project_id', project_id, 'agent_id', agent_id, 'path', path,
+                                                   'mode', mode, 'fencing', fencing)), '[]') FROM locks) AS locks,
+       (SELECT json_agg(json_build_object('id', id, 'seq', seq)) FROM events) AS events
+FROM workflow, settled, attempt, step, result
+"""
+
+
+def _complete_sql(from_status: str) -> str:
+    deltas = {STEP_COUNTER_FIELDS[from_status]: "- 1", STEP_COUNTER_FIELDS[StepStatus.COMPLETED]: "+ 1"}
+    for status, sign in ((StepStatus.PENDING, "-"), (StepStatus.READY, "+")):
+        column = STEP_COUNTER_FIELDS[status]
+        deltas[column] = f"{deltas.get(column, '')} {sign} ready.n_released".strip()
+    return _COMPLETE_SQL.format(
+        counter_sets=", ".join(f"{column} = w.{column} {delta}" for column, delta in deltas.items()),
+        counter_columns=", ".join(f"w.{column}" for column in COUNTER_COLUMNS),
+        settled_status=SETTLED_STATUS_SQL,
+        ready_channel=notify.STEP_READY,
+    )
+
+
+# A report completes an `in_progress` step; a person's approval completes a `ready` one.
+COMPLETE_SQL = {status: _complete_sql(status) for status in (StepStatus.IN_PROGRESS, StepStatus.READY)}
+
+# Plain SQL: a finished step's `Result` and its events (from arrays) in one round trip.
+EVENTS_AND_RESULT_SQL = """
+WITH result AS (
+    INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error, retryable, model,
+                                     prompt_tokens, completion_tokens, cost_usd, execution_time_s, response, created_at)
+    VALUES (%(id)s, %(attempt)s, %(step)s, %(status)s, %(final_result)s, %(outputs)s::jsonb, %(error)s, %(retryable)s,
+            %(model)s, %(prompt_tokens)s, %(completion_tokens)s, %(cost_usd)s, %(execution_time_s)s,
+            %(response)s::jsonb, %(now)s)
+    RETURNING id
+)
+INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+SELECT %(workflow)s, u.seq, u.kind, u.step_id, u.agent_id, u.data, %(now)s
+FROM unnest(%(seqs)s::bigint[], %(kinds)s::text[], %(step_ids)s::uuid[], %(agent_ids)s::uuid[], %(datas)s::jsonb[])
+     AS u(seq, kind, step_id, agent_id, data), result
+ORDER BY u.seq
+RETURNING id, seq
+"""
+
+
+@dataclass
+class Outcome:
+    status: str  # "completed" or "failed"
+    final_result: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    iterations: list[IterationIn] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    execution_time_s: float | None = None
+    error: str = ""
+    retryable: bool = False
+
+
+def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any]:
+    """Apply a worker's result; release dependents whose last dependency this was.
+
+    Only the current lease's holder may report; a stale report is refused with
+    `StaleLease` and recorded as an event (in its own transaction), never applied.
+    A repeated report of an applied result returns the first answer and changes
+    nothing. The work done depends on the step's own dependents, never on the
+    size of the workflow.
+    """
+    try:
+        return _step_report(step_id=step_id, agent=agent, lease_token=lease_token, outcome=outcome)
+    except StaleLease as exc:
+        step = Step.objects.filter(id=step_id).only("id", "key", "workflow_id").first()
+        if step is not None:
+            with transaction.atomic():
+                event_log.event_record(kind="step.stale_report", workflow_id=step.workflow_id, step_id=step.id,
+                                       agent_id=agent.id,
+                                       data={"step": step.key, "status": outcome.status, "agent": agent.name,
+                                             "step_status": exc.extra.get("step_status")})
+        raise
+
+
+@lock_order.retrying
+def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any]:
+    now = timezone.now()
+    hashed = tokens.token_hash(lease_token or "")
+    along = Along.DEPENDENTS if outcome.status == StepStatus.COMPLETED else Along.DOWNSTREAM
+    step = lock_order.locked_step(step_id, along=along, replay_for=(hashed, agent.id))
+    if step.replay is not None:
+        return step.replay
+    try:
+        attempt = leases.held_attempt(step, agent, lease_token)
+    except StaleLease:
+        # A report of the same lease may have committed while this one waited for the step's lock
+        # (the statement's snapshot predates it): look again.
+        replay = Result.objects.filter(step=step, attempt__lease_token_hash=hashed, attempt__agent=agent).first()
+        if replay is not None:
+            return replay.response
+        raise
+    if not leases.lease_live(step, now):
+        ended = "expired" if step.status == StepStatus.IN_PROGRESS else step.status
+        raise StaleLease(
+            f"The lease on step {step.key!r} ended ({ended}); the result was not applied.", step_status=step.status
+        )
+    leases.store_iterations(attempt, outcome.iterations)
+    return finish_step(step=step, attempt=attempt, outcome=outcome, now=now, from_status=StepStatus.IN_PROGRESS,
+                       actor={"agent": agent.name}, agent_id=agent.id)
+
+
+def _complete_in_db(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
+                    actor: dict[str, Any], agent_id: UUID | None) -> tuple[WorkflowSnapshot, list[str], str]:
+    """Run the completion statement; return the workflow as left, the keys released, and the workflow
+    status stored in the answer."""
+    usage = outcome.usage
+    data = {"step": step.key, **actor, "attempt": attempt.number, "status": StepStatus.COMPLETED}
+    with connection.cursor() as cursor:
+        cursor.execute(COMPLETE_SQL[from_status], {
+            "now": now, "attempt": attempt.id, "step": step.id, "workflow": step.workflow_id, "key": step.key,
+            "agent": agent_id, "data": json.dumps(data), "result": uuid4(),
+            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
+            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "execution_time_s": outcome.execution_time_s,
+        })
+        row = rows.fetch_named(cursor)
+    snapshot = WorkflowSnapshot.from_row(step.workflow_id, row, events=1 + bool(row["n_released"]))
+    attempt.ended_at = now
+    attempt.outcome = AttemptOutcome.COMPLETED
+    step.status = StepStatus.COMPLETED
+    step.final_result = outcome.final_result
+    step.outputs = outcome.outputs
+    step.error = ""
+    step.finished_at = now
+    step.updated_at = now
+    released = list(row["released_keys"])
+    ids = {event["seq"]: event["id"] for event in rows.json_value(row["events"])}
+    events = [Event(id=ids[snapshot.first_seq], workflow_id=step.workflow_id, seq=snapshot.first_seq,
+                    kind="step.completed", step_id=step.id, agent_id=agent_id, data=data, at=now)]
+    if released:
+        events.append(Event(id=ids[snapshot.last_seq], workflow_id=step.workflow_id, seq=snapshot.last_seq,
+                            kind="steps.released", data={"steps": released, "by": step.key}, at=now))
+    for event in events:
+        event._state.adding = False
+        event_published(event)
+    locks = rows.json_value(row["locks"])
+    if locks:
+        file_locks.record_locks_released(
+            [{**lock, "project_id": UUID(lock["project_id"]),
+              "agent_id": UUID(lock["agent_id"]) if lock["agent_id"] else None,
+              "workflow_id": step.workflow_id, "step_id": step.id} for lock in locks],
+            reason=outcome.status)
+    return snapshot, released, row["settled_status"]
+
+
+def finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
+                actor: dict[str, Any], agent_id: UUID | None) -> dict[str, Any]:
+    """Apply an outcome to a step the caller has locked with what it may change (`Along.DEPENDENTS` for a
+    completion, `Along.DOWNSTREAM` for a failure): an agent's report, or a person's decision."""
+    step.lease_agent = None
+    step.lease_expires_at = None
+    step.lease_attempt = None
+    if outcome.status == StepStatus.COMPLETED:
+        snapshot, released, stored_status = _complete_in_db(
+            step=step, attempt=attempt, outcome=outcome, now=now, from_status=from_status, actor=actor,
+            agent_id=agent_id)
+        answer_status, pause_reason = workflow_after(snapshot)
+        response = {"step_id": str(step.id), "status": step.status, "workflow_status": answer_status,
+                    "released": released}
+        if stored_status != answer_status:
+            # `SETTLED_STATUS_SQL` must agree with `workflow_after` (a test pins them together); if it ever
+            # does not, the stored answer follows Python's.
+            logger.error("Stored workflow status %s differs from %s for step %s; correcting the stored answer.",
+                         stored_status, answer_status, step.id)
+            Result.objects.filter(attempt=attempt).update(response=response)
+    else:
+        usage = outcome.usage
+        moves: dict[str, int] = {from_status: -1}
+        leases.end_attempt(attempt, AttemptOutcome.RETRY if outcome.retryable else AttemptOutcome.FAILED, now)
+        new_status, skipped, _ = leases.requeue_or_fail(
+            step=step, now=now, charge=True, error=outcome.error or "Reported failed.", final=not outcome.retryable
+        )
+        add(moves, new_status, 1)
+        add(moves, StepStatus.PENDING, -len(skipped))
+        add(moves, StepStatus.SKIPPED, len(skipped))
+        file_locks.lock_release_for_step(step=step, reason=outcome.status)
+        snapshot = workflow_move(step.workflow_id, moves, events=1 + bool(skipped), spent_usd=usage.cost_usd,
+                                 spent_tokens=usage.prompt_tokens + usage.completion_tokens)
+        seqs = snapshot.seqs()
+        data = {**actor, "attempt": attempt.number, "status": step.status, "error": outcome.error[:500]}
+        if step.status == StepStatus.READY:
+            data["available_at"] = step.available_at.isoformat()
+        kind = "step.retrying" if new_status == StepStatus.READY else "step.failed"
+        events = [new_event(seqs, kind, workflow_id=step.workflow_id, step=step, agent_id=agent_id, data=data)]
+        if skipped:
+            events.append(new_event(seqs, "steps.skipped", workflow_id=step.workflow_id,
+                                    data={"steps": skipped, "after": step.key}))
+        answer_status, pause_reason = workflow_after(snapshot)
+        response = {"step_id": str(step.id), "status": step.status, "workflow_status": answer_status,
+                    "released": []}
+        _insert_events_and_result(events, step=step, attempt=attempt, outcome=outcome, response=response, now=now)
+    # What the workflow became is in the answer already; these writes make it so, after the step's own events.
+    settle_workflow(snapshot)
+    if pause_reason:
+        # Running agents learn it from their next heartbeat (cancel: true).
+        workflow_control.workflow_pause(workflow_id=step.workflow_id, reason=pause_reason)
+    return response
+
+
+def _insert_events_and_result(events: list[Event], *, step: Step, attempt: Attempt, outcome: Outcome,
+                              response: dict[str, Any], now: datetime) -> None:
+    """Store a finished step's events and its `Result` (the answer a repeated report gets) in one statement."""
+    usage = outcome.usage
+    with connection.cursor() as cursor:
+        cursor.execute(EVENTS_AND_RESULT_SQL, {
+            "id": uuid4(), "attempt": attempt.id, "step": step.id, "status": outcome.status,
+            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs), "error": outcome.error,
+            "retryable": outcome.retryable, "model": usage.model, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd,
+            "execution_time_s": outcome.execution_time_s, "response": json.dumps(response), "now": now,
+            "workflow": step.workflow_id, "seqs": [event.seq for event in events],
+            "kinds": [event.kind for event in events], "step_ids": [event.step_id for event in events],
+            "agent_ids": [event.agent_id for event in events],
+            "datas": [json.dumps(event.data) for event in events],
+        })
+        ids = {row["seq"]: row["id"] for row in rows.fetch_all_named(cursor)}
+    for event in events:
+        event.id = ids[event.seq]
+        event.at = now
+        event._state.adding = False
+        event_published(event)
+
+
+@lock_order.retrying
+def step_decide(*, step_id: UUID, user: AbstractBaseUser, approve: bool, comment: str = "") -> dict[str, Any]:
+    """A person approves or rejects an approval step (role `human`), through the same path as a report."""
+    now = timezone.now()
+    step = lock_order.locked_step(step_id, along=Along.DEPENDENTS if approve else Along.DOWNSTREAM)
+    if step.role != HUMAN_ROLE:
+        raise InvalidState(f"Step {step.key!r} is for role {step.role!r}; only '{HUMAN_ROLE}' steps are decided here.")
+    if step.status != StepStatus.READY:
+        raise InvalidState(f"Step {step.key!r} is {step.status}; it can be decided once it is ready.")
+    if step.workflow.status != WorkflowStatus.RUNNING:
+        raise InvalidState(f"Workflow {step.workflow.name!r} is {step.workflow.status}; resume it first.")
+    attempt = Attempt.objects.create(
+        step=step, agent=None, number=step.attempt + 1,
+        lease_token_hash=tokens.token_hash(secrets.token_urlsafe(16)), expires_at=now,
+    )
+    step.attempt = attempt.number
+    step.save(update_fields=["attempt", "updated_at"])
+    who = user.get_username()
+    text = comment.strip()
+    outcome = Outcome(
+        status=StepStatus.COMPLETED if approve else StepStatus.FAILED,
+        final_result=(f"Approved by {who}" + (f": {text}" if text else ".")) if approve else "",
+        outputs={"decision": "approved" if approve else "rejected", "by": who, "comment": text},
+        error="" if approve else f"Rejected by {who}" + (f": {text}" if text else "."),
+        retryable=False,
+    )
+    return finish_step(step=step, attempt=attempt, outcome=outcome, now=now, from_status=StepStatus.READY,
+                       actor={"by_user": who, "decision": outcome.outputs["decision"]}, agent_id=None)
