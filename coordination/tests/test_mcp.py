@@ -118,3 +118,55 @@ class MCPTests:
         text = result.content[0].text
         assert "lock_conflict: src/app.py is held (write) by mcp-holder until " in text
         assert "pick another step" in text.lower()
+
+
+class MCPProtocolTests:
+    """One worker protocol: MCP refuses and lists exactly as the REST pull does, with the same HTTP guarantees."""
+
+    def test_list_ready_refuses_a_role_the_agent_does_not_hold(self, live_am):
+        agent = make_agent("mcp-lister", ["developer"])
+
+        async def calls(session):
+            return [await session.call_tool("list_ready", {"role": role}) for role in ("tester", "Bad Role", "human")]
+
+        not_held, malformed, human = asyncio.run(_session_calls(live_am, agent.token, calls))
+        assert not_held.is_error and "forbidden: Agent 'mcp-lister' does not hold role(s) tester" in not_held.content[0].text
+        assert malformed.is_error and "invalid_request" in malformed.content[0].text
+        assert human.is_error and "forbidden" in human.content[0].text
+        # The REST pull answers the same three the same way.
+        assert agent.client().get("/v1/tasks/tester/ready").status_code == 403
+        assert agent.client().get("/v1/tasks/Bad Role/ready").status_code == 400
+        assert agent.client().get("/v1/tasks/human/ready").status_code == 403
+
+    def test_list_ready_lists_only_what_a_pull_could_hand_out_now(self, live_am):
+        agent = make_agent("mcp-looker", ["developer"], capacity=2)
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("now"), step("later"), name="Backoff"))
+        # "later" waits out a retry backoff, as after a failed attempt.
+        Step.objects.filter(workflow=workflow, key="later").update(
+            available_at=timezone.now() + timedelta(minutes=5))
+
+        async def calls(session):
+            listed = _json(await session.call_tool("list_ready", {"role": "developer"}))
+            pulled = _json(await session.call_tool("pull_step", {"role": "developer"}))
+            again = _json(await session.call_tool("pull_step", {"role": "developer"}))
+            return listed, pulled, again
+
+        listed, pulled, again = asyncio.run(_session_calls(live_am, agent.token, calls))
+        assert [s["key"] for s in listed["steps"]] == ["now"]
+        assert pulled["step"]["key"] == "now"
+        assert again["step"] is None, "the step waiting out its backoff is not handed out either"
+
+    def test_mcp_answers_carry_server_timing_and_refuse_a_body_over_the_limit(self, live_am, settings):
+        agent = make_agent("mcp-timed", ["developer"])
+        headers = {"Authorization": f"Bearer {agent.token}", "Accept": "application/json, text/event-stream"}
+        hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+        ok = httpx2.post(f"{live_am}/mcp", headers=headers, json=hello)
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["server-timing"].startswith("app;dur=")
+        refused = httpx2.post(f"{live_am}/mcp", headers={"Authorization": "Bearer wrong"}, json=hello)
+        assert refused.status_code == 401 and "server-timing" in refused.headers
+        too_big = httpx2.post(f"{live_am}/mcp", headers=headers,
+                              content=b'{"pad": "' + b"x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10) + b'"}')
+        assert too_big.status_code == 413
+        assert too_big.json()["error"] == "too_large"
