@@ -161,6 +161,7 @@ def postgres_stopped(cluster: Cluster, steps: int = 8, outage_s: float = 12.0) -
     import httpx
 
     api = cluster.api_server()
+    mcp_server = cluster.daphne()
     cluster.celery()
     workflow = _workflow("postgres", steps, lease_ttl_s=90)
     agents = _agents(4, capacity=2)
@@ -185,7 +186,12 @@ def postgres_stopped(cluster: Cluster, steps: int = 8, outage_s: float = 12.0) -
     during = httpx.get(f"{api}/v1/agents/me", headers={"Authorization": f"Bearer {token}"}, timeout=60)
     api_seconds = time.monotonic() - asked
     health = httpx.get(f"{api}/healthz", timeout=60)
+    mcp_during = httpx.post(f"{mcp_server}/mcp", headers={"Authorization": f"Bearer {token}"}, timeout=60, json={
+        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "drill", "version": "1"}}})
     problems = []
+    if mcp_during.status_code != 503 or mcp_during.json().get("error") != "database_unavailable":
+        problems.append(f"/mcp answered {mcp_during.status_code} {mcp_during.text[:200]} during the outage")
     if during.status_code != 503 or during.json().get("error") != "database_unavailable":
         problems.append(f"the API answered {during.status_code} {during.text[:200]} during the outage")
     if api_seconds > 15:
@@ -207,7 +213,8 @@ def postgres_stopped(cluster: Cluster, steps: int = 8, outage_s: float = 12.0) -
         raise AssertionError("no result of a step leased before the outage was delivered after it")
     return {"broken": f"PostgreSQL stopped for {restarted_at - stopped_at:.0f} s with "
                       f"{len(leased_before)} steps leased",
-            "held": f"the API answered 503 database_unavailable in {api_seconds:.2f} s; /healthz named the "
+            "held": f"the API and /mcp answered 503 database_unavailable (the API in {api_seconds:.2f} s); "
+                    f"/healthz named the "
                     f"database; {delivered_later} results of steps leased before the outage were delivered "
                     f"after it; all {steps} steps completed exactly once",
             "api_503_seconds": round(api_seconds, 2), **report}

@@ -36,6 +36,9 @@ LOCK_TTL_MAX_S = 3600
 LOCK_WAIT_MAX_S = 30
 SWEEP_BATCH = 1000
 
+# Plain SQL: the ORM has no way to read the database's clock.
+DB_NOW_SQL = "SELECT clock_timestamp() AS now"
+
 # Plain SQL: an indexed overlap search (exact paths and LIKE prefixes) joined with the holder's name.
 LIVE_LOCKS_NEAR_SQL = """
 SELECT l.path, l.mode, l.agent_id, a.name AS agent_name, l.step_id, l.expires_at
@@ -113,9 +116,10 @@ def iso(moment: datetime) -> str:
 
 
 def db_now() -> datetime:
+    """The database's clock: grants and releases are ordered by one clock, whichever server decided them."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT clock_timestamp()")
-        return cursor.fetchone()[0]
+        cursor.execute(DB_NOW_SQL)
+        return rows.fetch_named(cursor)["now"]
 
 
 def normalise_paths(raw_paths: list[Any]) -> list[str]:
