@@ -179,10 +179,10 @@ def workflow_edit(*, workflow_id: UUID, name: str, priority: int, budget_usd: De
         raise InvalidRequest(f"A workflow name must be 1 to {MAX_NAME} characters.")
     if not isinstance(priority, int) or not -PRIORITY_MAX <= priority <= PRIORITY_MAX:
         raise InvalidRequest(f"priority={priority!r} is out of range -{PRIORITY_MAX}..{PRIORITY_MAX}.")
-    if budget_usd is not None and budget_usd < 0:
-        raise InvalidRequest("A budget in USD cannot be negative.")
-    if budget_tokens is not None and budget_tokens < 0:
-        raise InvalidRequest("A budget in tokens cannot be negative.")
+    if budget_usd is not None and budget_usd <= 0:
+        raise InvalidRequest("A budget in USD must be above 0; leave it empty for none.")
+    if budget_tokens is not None and budget_tokens <= 0:
+        raise InvalidRequest("A budget in tokens must be above 0; leave it empty for none.")
     if not 0 <= max_rework_rounds <= 10:
         raise InvalidRequest(f"max_rework_rounds={max_rework_rounds} is out of range 0..10.")
     current = _workflow(workflow_id)
