@@ -6,8 +6,6 @@ from agents.llm.base import Usage
 from coordination import tasks
 from coordination.services import leases, pull, reports, workflow_creation, workflow_specs
 from coordination.models import AuditReport, Step, Workflow
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = pytest.mark.django_db
 
@@ -28,7 +26,7 @@ def server_llm(settings, fake_llm):
 
 
 @pytest.fixture
-def team(db):
+def team(make_agent):
     make_agent("researcher-1", ["researcher"])
     make_agent("writer-1", ["writer"])
 
@@ -97,7 +95,7 @@ def _complete(workflow, agent, results: dict[str, str]) -> None:
 
 
 class AuditTests:
-    def test_a_good_workflow_passes_and_gets_a_synthesis(self, settings, developer):
+    def test_a_good_workflow_passes_and_gets_a_synthesis(self, settings, developer, step, workflow_spec):
         settings.AM_LLM = "none"
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Good", goal="Ship it"))
         _complete(workflow, developer, {"A": "part one", "B": "part two"})
@@ -112,7 +110,8 @@ class AuditTests:
         assert workflow.audit_status == "passed"
         assert "part one" in workflow.synthesis and workflow.synthesis.index("part one") < workflow.synthesis.index("part two")
 
-    def test_a_failed_audit_sends_steps_back_for_one_round_then_passes(self, server_llm, developer, owner_client):
+    def test_a_failed_audit_sends_steps_back_for_one_round_then_passes(self, server_llm, developer, owner_client, step,
+                                                                       workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(
             step("A"), step("B", "A"), step("C"), name="Weak", goal="Ship it", max_rework_rounds=1))
         _complete(workflow, developer, {"A": "solid", "B": "thin", "C": "fine"})
@@ -145,7 +144,7 @@ class AuditTests:
         assert [a["round"] for a in audits] == [1, 0]
         assert owner_client.get(f"/v1/workflows/{workflow.id}").json()["synthesis"] == "Shipped, with sources."
 
-    def test_rework_rounds_are_bounded(self, server_llm, developer):
+    def test_rework_rounds_are_bounded(self, server_llm, developer, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="W", max_rework_rounds=0))
         _complete(workflow, developer, {"A": "x"})
         server_llm.reply_json({"successful": False, "feedback": "no", "confidence": 0.5,
@@ -155,7 +154,7 @@ class AuditTests:
         workflow.refresh_from_db()
         assert workflow.status == "completed" and workflow.audit_status == "failed" and workflow.rework_round == 0
 
-    def test_an_audit_can_be_requested(self, owner_client, developer):
+    def test_an_audit_can_be_requested(self, owner_client, developer, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="W"))
         assert owner_client.post(f"/v1/workflows/{workflow.id}/audits").status_code == 409
         _complete(workflow, developer, {"A": "x"})
@@ -164,7 +163,8 @@ class AuditTests:
 
 
 class BudgetTests:
-    def test_reaching_the_budget_pauses_the_workflow_and_tells_agents(self, developer, owner_client):
+    def test_reaching_the_budget_pauses_the_workflow_and_tells_agents(self, developer, owner_client, step,
+                                                                      workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C", "A"), name="B",
                                                                budget_tokens=100))
         first = pull.step_pull(agent=developer.agent, roles=["developer"])

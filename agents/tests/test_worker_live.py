@@ -11,8 +11,6 @@ import pytest
 
 from coordination.services import leases, workflow_control, workflow_creation
 from coordination.models import Attempt, AttemptOutcome, Iteration, Result, Step, Workflow
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -55,7 +53,7 @@ def _wait_for(predicate, timeout=60, every=0.2, sweep=False):
 
 
 class WorkerTests:
-    def test_several_workers_complete_a_multi_role_workflow(self, live_am, tmp_path):
+    def test_several_workers_complete_a_multi_role_workflow(self, live_am, tmp_path, make_agent, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(
             step("scope", role="researcher", files=(("research/scope.md", "write"),)),
             step("market", "scope", role="analyst", files=(("research/market.md", "write"),)),
@@ -89,7 +87,8 @@ class WorkerTests:
         log = workers[2].output()
         assert "▶ Team work / report (writer)" in log and "✔ Team work / report (writer)  completed in" in log
 
-    def test_a_killed_worker_loses_its_lease_and_another_finishes_the_step(self, live_am, tmp_path):
+    def test_a_killed_worker_loses_its_lease_and_another_finishes_the_step(self, live_am, tmp_path, make_agent, step,
+                                                                           workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("slow", lease_ttl_s=5), name="Crash"))
         doomed = make_agent("doomed", ["developer"])
         rescuer = make_agent("rescuer", ["developer"])
@@ -112,7 +111,7 @@ class WorkerTests:
         assert attempts == [("doomed", AttemptOutcome.EXPIRED), ("rescuer", AttemptOutcome.COMPLETED)]
         assert Result.objects.get(step__workflow=workflow).attempt.agent.name == "rescuer"
 
-    def test_a_worker_that_gets_409_drops_its_result(self, live_am, tmp_path):
+    def test_a_worker_that_gets_409_drops_its_result(self, live_am, tmp_path, make_agent, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("taken", lease_ttl_s=30), name="Stale"))
         agent = make_agent("zombie", ["developer"])
         worker = WorkerProcess(live_am, agent, tmp_path / "z", tmp_path / "zombie.log", delay=1.0)
@@ -129,7 +128,8 @@ class WorkerTests:
         assert not Result.objects.filter(step__workflow=workflow, attempt__number=1).exists()
         assert "dropping the work" in worker.output()
 
-    def test_a_cancelled_workflow_stops_the_worker_which_reports_nothing(self, live_am, tmp_path):
+    def test_a_cancelled_workflow_stops_the_worker_which_reports_nothing(self, live_am, tmp_path, make_agent, step,
+                                                                         workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("long", lease_ttl_s=6), name="Cancel me"))
         agent = make_agent("obedient", ["developer"])
         worker = WorkerProcess(live_am, agent, tmp_path / "c", tmp_path / "obedient.log", delay=1.0)

@@ -7,13 +7,12 @@ from rest_framework.test import APIClient
 
 from coordination.services import tokens, workflow_creation
 from coordination.models import Agent, Step, Workflow
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def held(developer):
+def held(developer, step, workflow_spec):
     """A step held by `developer`: (step id, lease token)."""
     workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
     body = developer.client().get("/v1/tasks/developer/ready").json()
@@ -92,7 +91,7 @@ WORKFLOW = {"name": "w", "steps": [{"key": "A", "role": "developer"}]}
 
 
 class SubmitPermissionTests:
-    def test_an_agent_without_can_submit_may_read_but_not_create_or_control(self, developer):
+    def test_an_agent_without_can_submit_may_read_but_not_create_or_control(self, developer, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         client = developer.client()
         assert client.get(f"/v1/workflows/{workflow.id}/status").status_code == 200

@@ -7,7 +7,6 @@ from rest_framework.test import APIClient
 
 from coordination.services import workflow_creation
 from coordination.models import Event, Step, Workflow
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = pytest.mark.django_db
 
@@ -115,7 +114,7 @@ class BadInputTests:
         _assert_error(owner_client.get("/v1/workflows?status=done"), 400, "invalid_request")
         _assert_error(owner_client.get("/v1/workflows/%s/events?after=x" % uuid.uuid4()), 400, "invalid_request")
 
-    def test_listing_filters_and_paginates(self, owner_client):
+    def test_listing_filters_and_paginates(self, owner_client, step, workflow_spec):
         for index in range(3):
             workflow_creation.workflow_create(spec=workflow_spec(step("A"), name=f"w{index}", project="p1" if index else "p2"))
         body = owner_client.get("/v1/workflows?project=p1&limit=1").json()

@@ -1,3 +1,4 @@
+import time
 import uuid
 from datetime import timedelta
 
@@ -7,8 +8,6 @@ from django.utils import timezone
 
 from coordination.services import pull, reports, workflow_control, workflow_creation
 from coordination.models import Attempt, Step, StepStatus, Workflow
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = pytest.mark.django_db
 
@@ -18,7 +17,7 @@ def _pull(agent, roles="developer", **headers):
 
 
 class PullTests:
-    def test_it_leases_a_ready_step_with_its_lease_and_workflow(self, developer):
+    def test_it_leases_a_ready_step_with_its_lease_and_workflow(self, developer, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("src/a.py", "write"),))))
         response = _pull(developer)
         assert response.status_code == 200
@@ -41,7 +40,7 @@ class PullTests:
         assert response.status_code == 204
         assert response["Cache-Control"] == "no-store"
 
-    def test_it_hands_out_the_highest_priority_then_the_oldest(self, developer):
+    def test_it_hands_out_the_highest_priority_then_the_oldest(self, developer, step, workflow_spec):
         workflow_creation.workflow_create(spec=workflow_spec(step("old"), step("new"), name="first"))
         workflow_creation.workflow_create(spec=workflow_spec(step("urgent", priority=5), name="second"))
         workflow_creation.workflow_create(spec=workflow_spec(step("vip"), name="third", priority=10))
@@ -53,13 +52,13 @@ class PullTests:
                                  lease_token=body["lease"]["token"], outcome=reports.Outcome(status="completed"))
         assert keys == ["vip", "urgent", "old", "new"]
 
-    def test_it_picks_the_best_step_across_several_roles(self):
+    def test_it_picks_the_best_step_across_several_roles(self, make_agent, step, workflow_spec):
         agent = make_agent("multi", ["developer", "tester"], capacity=5)
         workflow_creation.workflow_create(spec=workflow_spec(step("d"), step("t", role="tester", priority=3)))
         assert _pull(agent, "developer,tester").json()["step"]["key"] == "t"
         assert _pull(agent, "developer,tester").json()["step"]["key"] == "d"
 
-    def test_it_refuses_a_role_the_agent_does_not_hold(self, developer):
+    def test_it_refuses_a_role_the_agent_does_not_hold(self, developer, step, workflow_spec):
         workflow_creation.workflow_create(spec=workflow_spec(step("A", role="tester")))
         response = _pull(developer, "developer,tester")
         assert response.status_code == 403
@@ -75,7 +74,7 @@ class PullTests:
         response = developer.client().get(f"/v1/tasks/developer/ready?wait={wait}")
         assert response.status_code == 400
 
-    def test_it_refuses_past_capacity(self, developer):
+    def test_it_refuses_past_capacity(self, developer, step, workflow_spec):
         workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C")))
         assert _pull(developer).status_code == 200
         assert _pull(developer).status_code == 200
@@ -84,7 +83,7 @@ class PullTests:
         assert response.json()["error"] == "at_capacity"
         assert response.json()["capacity"] == 2
 
-    def test_it_returns_the_same_lease_for_a_repeated_idempotency_key(self, developer):
+    def test_it_returns_the_same_lease_for_a_repeated_idempotency_key(self, developer, step, workflow_spec):
         workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
         first = _pull(developer, HTTP_IDEMPOTENCY_KEY="pull-1").json()
         again = _pull(developer, HTTP_IDEMPOTENCY_KEY="pull-1").json()
@@ -96,7 +95,7 @@ class PullTests:
         reused = _pull(developer, HTTP_IDEMPOTENCY_KEY="pull-1")
         assert reused.status_code == 409
 
-    def test_it_gives_the_results_of_dependencies_as_inputs(self, developer):
+    def test_it_gives_the_results_of_dependencies_as_inputs(self, developer, step, workflow_spec):
         workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C", "A", "B")))
         for _ in range(2):
             body = _pull(developer).json()
@@ -112,20 +111,29 @@ class PullTests:
             "B": {"final_result": "result of B", "outputs": {"n": "B"}},
         }
 
-    def test_it_hands_out_nothing_from_a_paused_workflow(self, developer, owner):
+    def test_it_hands_out_nothing_from_a_paused_workflow(self, developer, owner, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         workflow_control.workflow_pause(workflow_id=workflow.id, user=owner)
         assert _pull(developer).status_code == 204
         workflow_control.workflow_resume(workflow_id=workflow.id, user=owner)
         assert _pull(developer).status_code == 200
 
-    def test_it_waits_out_a_backoff(self, developer):
+    def test_it_waits_out_a_backoff(self, developer, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
-        Step.objects.filter(workflow=workflow).update(available_at=timezone.now() + timedelta(minutes=5))
-        assert _pull(developer).status_code == 204
+        available_at = timezone.now() + timedelta(seconds=1)
+        Step.objects.filter(workflow=workflow).update(available_at=available_at)
+        assert _pull(developer).status_code == 204  # backing off: not handed out yet
+        started = time.monotonic()
+        response = developer.client().get("/v1/tasks/developer/ready?wait=10")
+        waited = time.monotonic() - started
+        assert response.status_code == 200, response.content
+        assert response.json()["step"]["key"] == "A"
+        assert Step.objects.get(workflow=workflow).started_at >= available_at  # handed out once the backoff ended
+        assert waited < 5  # the long poll woke when the backoff ended, not at its deadline
 
     @pytest.mark.parametrize("statement", ["one role", "several roles"])
-    def test_the_claim_uses_the_ready_queue_index_under_a_large_history(self, developer, statement):
+    def test_the_claim_uses_the_ready_queue_index_under_a_large_history(self, developer, statement, step,
+                                                                        workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("live")))
         now = timezone.now()
         Step.objects.bulk_create(

@@ -6,13 +6,12 @@ from django.utils import timezone
 
 from coordination.services import workflow_creation
 from coordination.models import Attempt, Step, StepDependency, StepStatus, Workflow
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def workflow() -> Workflow:
+def workflow(step, workflow_spec) -> Workflow:
     return workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
 
 
@@ -26,7 +25,7 @@ class ConstraintTests:
     def test_it_refuses_a_duplicate_key_in_a_workflow(self, workflow):
         _refused(lambda: Step.objects.create(workflow=workflow, key="A", name="again", role="developer"))
 
-    def test_it_allows_the_same_key_in_another_workflow(self, workflow):
+    def test_it_allows_the_same_key_in_another_workflow(self, workflow, step, workflow_spec):
         other = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         assert Step.objects.filter(key="A").count() == 2
         assert other.id != workflow.id

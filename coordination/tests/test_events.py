@@ -1,14 +1,16 @@
 """Every change is logged in its transaction and reaches the channel layer (real Redis) after commit."""
 
+import logging
+
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from am_project.celery import app as celery_app
-from coordination.services import pull, workflow_creation
+from coordination import events
 from coordination.events import OVERVIEW_GROUP, workflow_group
 from coordination.models import Event
-from coordination.tests.factories import step, workflow_spec
+from coordination.services import pull, workflow_creation
 
 pytestmark = pytest.mark.django_db
 
@@ -30,7 +32,7 @@ async def _receive(layer, channel, count, timeout=5.0):
 
 
 class EventPublishingTests:
-    def test_a_change_reaches_the_workflow_and_overview_groups_after_commit(self, developer,
+    def test_a_change_reaches_the_workflow_and_overview_groups_after_commit(self, developer, step, workflow_spec,
                                                                             django_capture_on_commit_callbacks):
         from asgiref.sync import sync_to_async
 
@@ -55,8 +57,8 @@ class EventPublishingTests:
         assert message["event"]["step_id"] == str(lease.step.id)
         assert overview_message["event"]["id"] == message["event"]["id"]
 
-    def test_a_write_stands_when_redis_is_unreachable(self, developer, settings, tmp_path,
-                                                      django_capture_on_commit_callbacks):
+    def test_a_write_stands_when_redis_is_unreachable(self, developer, settings, tmp_path, monkeypatch, caplog, step,
+                                                      workflow_spec, django_capture_on_commit_callbacks):
         from channels.layers import channel_layers
 
         settings.CHANNEL_LAYERS = {"default": {
@@ -64,12 +66,22 @@ class EventPublishingTests:
             "CONFIG": {"hosts": [f"unix://{tmp_path}/no-redis.sock"]},
         }}
         channel_layers.backends.clear()
+        # A publisher of its own, as in a process started while Redis is down: the shared one keeps the
+        # layer it built when it started.
+        publisher = events._Publisher()
+        monkeypatch.setattr(events, "publisher", publisher)
+        caplog.set_level(logging.WARNING, logger="coordination.events")
         try:
             with django_capture_on_commit_callbacks(execute=True):
                 workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+            publisher.flush()
         finally:
-            channel_layers.backends.clear()
+            channel_layers.backends.clear()  # the publisher built its layer before the flush returned
         assert Event.objects.filter(workflow=workflow, kind="workflow.created").exists()
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.name == "coordination.events" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings  # once per outage, not once per event
+        assert "Could not publish" in warnings[0] and "Is Redis up?" in warnings[0]
 
 
 class SweepScheduleTests:

@@ -31,9 +31,8 @@ class HealthzTests:
 
 
 class MetricsTests:
-    def test_it_exposes_step_and_workflow_counts_as_prometheus_text(self, client):
+    def test_it_exposes_step_and_workflow_counts_as_prometheus_text(self, client, step, workflow_spec):
         from coordination.services import workflow_creation
-        from coordination.tests.factories import step, workflow_spec
 
         workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
         response = client.get("/metrics")

@@ -13,7 +13,6 @@ from coordination.services import file_locks
 from coordination.errors import LockConflict
 from coordination.models import FileLock
 from coordination.paths import paths_overlap
-from coordination.tests.conftest import make_agent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -27,7 +26,7 @@ def _end(lock) -> datetime:
 
 
 class LockConcurrencyTests:
-    def test_no_two_conflicting_grants_ever_overlap_and_fencing_grows(self):
+    def test_no_two_conflicting_grants_ever_overlap_and_fencing_grows(self, make_agent):
         agents = [make_agent(f"hammer-{i}", ["developer"]) for i in range(CLIENTS)]
         stop_at = time.monotonic() + SECONDS
         counts = defaultdict(int)

@@ -5,13 +5,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from coordination.services import workflow_creation
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import chain, fan
 
 pytestmark = pytest.mark.django_db
 
 
-def _report_queries(role: str, spec) -> int:
+def _report_queries(make_agent, role: str, spec) -> int:
     """Queries of one report through the API, on a workflow of its own role."""
     workflow = workflow_creation.workflow_create(spec=spec)
     client = make_agent(f"agent-{role}", [role]).client()
@@ -46,22 +44,22 @@ def _pull_queries(agent, spec) -> int:
 
 
 class QueryCountTests:
-    def test_a_report_costs_the_same_for_10_and_5000_steps(self, db):
-        small = _report_queries("small", chain(10, role="small"))
-        large = _report_queries("large", chain(5000, role="large"))
+    def test_a_report_costs_the_same_for_10_and_5000_steps(self, make_agent, chain):
+        small = _report_queries(make_agent, "small", chain(10, role="small"))
+        large = _report_queries(make_agent, "large", chain(5000, role="large"))
         assert small == large, (small, large)
         assert small <= 20
 
-    def test_releasing_many_dependents_takes_no_more_queries(self, db):
+    def test_releasing_many_dependents_takes_no_more_queries(self, make_agent, chain, fan):
         # The root of a fan releases 3,000 leaves in the same single UPDATE that releases one.
-        narrow = _report_queries("narrow", chain(10, role="narrow"))
-        wide = _report_queries("wide", fan(3000, role="wide"))
+        narrow = _report_queries(make_agent, "narrow", chain(10, role="narrow"))
+        wide = _report_queries(make_agent, "wide", fan(3000, role="wide"))
         assert wide == narrow
 
-    def test_a_status_call_costs_the_same_for_10_and_5000_steps(self, owner_client):
+    def test_a_status_call_costs_the_same_for_10_and_5000_steps(self, owner_client, chain):
         assert _status_queries(owner_client, chain(10)) == _status_queries(owner_client, chain(5000))
 
-    def test_a_pull_costs_the_same_for_10_and_5000_steps(self, db):
+    def test_a_pull_costs_the_same_for_10_and_5000_steps(self, make_agent, chain):
         small = _pull_queries(make_agent("p1", ["small"]), chain(10, role="small"))
         large = _pull_queries(make_agent("p2", ["large"]), chain(5000, role="large"))
         assert small == large

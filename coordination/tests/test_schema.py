@@ -16,7 +16,6 @@ from schemathesis.checks import (
 
 from am_project.wsgi import application
 from coordination.services import agent_registry, workflow_creation
-from coordination.tests.factories import step, workflow_spec
 
 schema = schemathesis.openapi.from_wsgi("/v1/schema", application)
 
@@ -53,7 +52,7 @@ def wsgi_in_test_transaction(db):
 
 
 @pytest.fixture
-def token(wsgi_in_test_transaction) -> str:
+def token(wsgi_in_test_transaction, step, workflow_spec) -> str:
     """A submitting agent with common roles, and some data for it to find."""
     _, token = agent_registry.agent_create(name="fuzzer", roles=["developer", "tester"], capacity=3, can_submit=True)
     workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("T", role="tester")))

@@ -1,15 +1,9 @@
+"""The dashboard's fixtures: people logged in to it, and a workflow in progress to look at."""
+
 import pytest
 from django.contrib.auth import get_user_model
 
-from coordination.tests.conftest import (  # noqa: F401 - shared fixtures
-    _stop_notification_listener,
-    developer,
-    live_am,
-    make_agent,
-    other_developer,
-    owner,
-    owner_client,
-)
+from coordination.services import leases, pull, workflow_creation
 
 
 @pytest.fixture
@@ -28,3 +22,14 @@ def owner_browser(client, owner):
 def staff_browser(client, staff):
     client.force_login(staff)
     return client
+
+
+@pytest.fixture
+def workflow(developer, step, workflow_spec):
+    """Workflow "Dash": A (writes src/a.py) leased by the developer, one iteration in; B and approval step H after A."""
+    workflow = workflow_creation.workflow_create(spec=workflow_spec(
+        step("A", files=(("src/a.py", "write"),)), step("B", "A"), step("H", "A", role="human"), name="Dash"))
+    lease = pull.step_pull(agent=developer.agent, roles=["developer"])
+    leases.step_heartbeat(step_id=lease.step.id, agent=developer.agent, lease_token=lease.token, iterations=[
+        leases.IterationIn(index=1, thought="Look around first", action='{"tool": "list_files"}', observation="src/")])
+    return workflow

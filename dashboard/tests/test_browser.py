@@ -7,8 +7,6 @@ import pytest
 
 from coordination.services import pull, workflow_creation
 from coordination.models import Step
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -17,7 +15,7 @@ CHROMIUM = os.environ.get("AM_CHROMIUM", "/usr/bin/chromium")
 
 class BrowserTests:
     def test_a_step_completed_through_the_api_turns_completed_on_the_open_page_and_a_human_step_is_approved(
-        self, live_am, django_user_model
+        self, live_am, django_user_model, make_agent, step, workflow_spec
     ):
         django_user_model.objects.create_user(username="watcher", password="pw-watcher-123")
         workflow = workflow_creation.workflow_create(spec=workflow_spec(

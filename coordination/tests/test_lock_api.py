@@ -1,0 +1,68 @@
+"""The /v1/locks API: acquire, list, renew, release, and its refusals."""
+
+import pytest
+
+from coordination.errors import Forbidden
+from coordination.models import FileLock
+from coordination.services import file_locks
+from coordination.tests.agent_calls import acquire
+
+pytestmark = pytest.mark.django_db
+
+
+class LockApiTests:
+    def test_it_acquires_lists_renews_and_releases(self, developer):
+        client = developer.client()
+        response = client.post("/v1/locks", {"paths": ["src/./app.py", "docs/"], "mode": "write", "ttl_s": 60},
+                               format="json")
+        assert response.status_code == 201, response.content
+        locks = response.json()["locks"]
+        assert [lock["path"] for lock in locks] == ["docs/", "src/app.py"]
+        assert all(lock["fencing"] >= 1 and lock["held_by"] == "dev-1" for lock in locks)
+        listed = client.get("/v1/locks?project=default&path=docs/readme.md").json()["locks"]
+        assert [lock["path"] for lock in listed] == ["docs/"]
+        lock_id = locks[0]["id"]
+        renewed = client.post(f"/v1/locks/{lock_id}/renew", {"ttl_s": 600}, format="json")
+        assert renewed.status_code == 200
+        assert renewed.json()["expires_at"] > locks[0]["expires_at"]
+        assert client.delete(f"/v1/locks/{lock_id}").status_code == 204
+        assert client.delete(f"/v1/locks/{lock_id}").status_code == 204  # already released: no change
+        assert [lock["path"] for lock in client.get("/v1/locks").json()["locks"]] == ["src/app.py"]
+        assert client.post(f"/v1/locks/{lock_id}/renew", {"ttl_s": 60}, format="json").status_code == 409
+
+    def test_it_answers_a_conflict_with_409_naming_the_holder(self, developer, other_developer):
+        acquire(developer, ["src/"])
+        response = other_developer.client().post("/v1/locks", {"paths": ["src/app.py"], "mode": "read"}, format="json")
+        assert response.status_code == 409
+        body = response.json()
+        assert body["error"] == "lock_conflict"
+        assert "src/" in body["detail"] and "dev-1" in body["detail"]
+        assert body["conflicts"][0]["path"] == "src/" and body["conflicts"][0]["held_by"] == "dev-1"
+
+    @pytest.mark.parametrize("path", ["/etc/passwd", "../outside", "a/../../b", "", "a\\b", "a\x00b", "x" * 2000, 7])
+    def test_it_refuses_a_bad_path_with_400_invalid_path(self, developer, path):
+        response = developer.client().post("/v1/locks", {"paths": ["fine.md", path], "mode": "write"}, format="json")
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_path"
+        assert not FileLock.objects.exists()
+
+    def test_it_answers_404_for_an_unknown_project(self, developer):
+        response = developer.client().post("/v1/locks", {"project": "nope", "paths": ["a"], "mode": "write"},
+                                           format="json")
+        assert response.status_code == 404
+
+    def test_it_lets_only_the_holder_or_staff_release_or_renew(self, developer, other_developer, owner, owner_client):
+        [lock] = acquire(developer, ["a.md"])
+        assert other_developer.client().delete(f"/v1/locks/{lock.id}").status_code == 403
+        assert other_developer.client().post(f"/v1/locks/{lock.id}/renew", {"ttl_s": 5}, format="json").status_code == 403
+        assert owner_client.delete(f"/v1/locks/{lock.id}").status_code == 403  # not staff
+        with pytest.raises(Forbidden):
+            file_locks.lock_release(lock_id=lock.id, user=owner)
+        owner.is_staff = True
+        owner.save()
+        assert owner_client.delete(f"/v1/locks/{lock.id}").status_code == 204
+        lock.refresh_from_db()
+        assert lock.release_reason == "forced"
+
+    def test_it_refuses_locks_to_people(self, owner_client):
+        assert owner_client.post("/v1/locks", {"paths": ["a"], "mode": "write"}, format="json").status_code == 403
