@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test bench drills install services-start services-stop services-status clean
+.PHONY: run test test-fast bench drills install services-start services-stop services-status clean
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -23,6 +23,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (live servers, subprocesses, timed waits): the loop while editing.
+test-fast: $(STAMP)
+	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@$(PY) bench/dispatch.py
