@@ -3,10 +3,6 @@ conftest.py."""
 
 import pytest
 
-# test_mcp.py and test_live_server.py still import this function; once they take the
-# `make_agent` fixture instead, delete this import.
-from conftest import agent_with_token as make_agent  # noqa: F401
-
 
 @pytest.fixture
 def chain(step, workflow_spec):

@@ -10,8 +10,6 @@ from django.db import connection
 
 from coordination.services import pull, reports, workflow_control, workflow_creation
 from coordination.models import Attempt, AttemptOutcome, Result, Step, Workflow
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -21,7 +19,7 @@ def _auth(token: str) -> dict[str, str]:
 
 
 class ConcurrentPullTests:
-    def test_16_agents_on_400_steps_complete_each_exactly_once(self, live_am):
+    def test_16_agents_on_400_steps_complete_each_exactly_once(self, live_am, make_agent, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(*[step(f"s{i}") for i in range(400)], name="big"))
         agents = [make_agent(f"agent-{i}", ["developer"]) for i in range(16)]
         completed: Counter = Counter()
@@ -65,7 +63,7 @@ class ConcurrentPullTests:
 
 
 class LongPollTests:
-    def test_a_waiting_pull_wakes_when_a_step_becomes_ready_holding_no_connection(self, live_am):
+    def test_a_waiting_pull_wakes_when_a_step_becomes_ready_holding_no_connection(self, live_am, make_agent, step, workflow_spec):
         agent = make_agent("waiter", ["researcher"])
         outcome: dict = {}
 
@@ -94,14 +92,14 @@ class LongPollTests:
         assert outcome["body"]["step"]["key"] == "R"
         assert outcome["elapsed"] < 15, "woken by the notification, well before the 20 s deadline"
 
-    def test_a_waiting_pull_times_out_with_204(self, live_am):
+    def test_a_waiting_pull_times_out_with_204(self, live_am, make_agent):
         agent = make_agent("patient", ["analyst"])
         started = time.monotonic()
         response = httpx.get(f"{live_am}/v1/tasks/analyst/ready?wait=1", headers=_auth(agent.token), timeout=10)
         assert response.status_code == 204
         assert time.monotonic() - started >= 0.9
 
-    def test_a_step_of_a_resumed_workflow_wakes_a_waiting_pull(self, live_am):
+    def test_a_step_of_a_resumed_workflow_wakes_a_waiting_pull(self, live_am, make_agent, step, workflow_spec):
         agent = make_agent("resumer", ["writer"])
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("W", role="writer")))
         workflow_control.workflow_pause(workflow_id=workflow.id)
@@ -118,7 +116,7 @@ class LongPollTests:
 
 
 class DeadAgentTests:
-    def test_a_dead_agents_step_is_handed_out_again_by_the_celery_sweep(self, live_celery):
+    def test_a_dead_agents_step_is_handed_out_again_by_the_celery_sweep(self, live_celery, make_agent, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=2)))
         dead = make_agent("dead", ["developer"])
         alive = make_agent("alive", ["developer"])
@@ -141,7 +139,7 @@ class DeadAgentTests:
 
 
 class LockAwareLongPollTests:
-    def test_a_pull_waiting_on_a_locked_file_wakes_when_the_lock_is_released(self, live_am):
+    def test_a_pull_waiting_on_a_locked_file_wakes_when_the_lock_is_released(self, live_am, make_agent, step, workflow_spec):
         workflow_creation.workflow_create(spec=workflow_spec(
             step("R1", files=(("report.md", "write"),)), step("R2", files=(("report.md", "write"),))))
         first = make_agent("first", ["developer"])

@@ -12,8 +12,6 @@ from mcp.client.streamable_http import streamable_http_client
 
 from coordination.services import file_locks, leases, pull, workflow_creation
 from coordination.models import Result, Step
-from coordination.tests.conftest import make_agent
-from coordination.tests.factories import step, workflow_spec
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -32,7 +30,7 @@ def _json(result) -> dict:
 
 
 class MCPTests:
-    def test_an_mcp_client_works_a_workflow_through_the_tools_alone(self, live_am):
+    def test_an_mcp_client_works_a_workflow_through_the_tools_alone(self, live_am, make_agent, step, workflow_spec):
         agent = make_agent("mcp-worker", ["developer"], capacity=1)
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), name="Via MCP"))
 
@@ -81,7 +79,7 @@ class MCPTests:
         response = httpx2.post(f"{live_am}/mcp", headers={"Authorization": "Bearer not-a-token"}, json={})
         assert response.status_code == 401
 
-    def test_a_stale_lease_is_refused_through_mcp_as_through_rest(self, live_am):
+    def test_a_stale_lease_is_refused_through_mcp_as_through_rest(self, live_am, make_agent, step, workflow_spec):
         first = make_agent("mcp-first", ["developer"])
         second = make_agent("mcp-second", ["developer"])
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="Stale"))
@@ -104,7 +102,7 @@ class MCPTests:
         assert rest.status_code == 409 and rest.json()["error"] == "stale_lease"
         assert not Result.objects.filter(step__workflow=workflow, status="completed").exists()
 
-    def test_a_lock_conflict_names_the_holder_and_says_what_to_do(self, live_am):
+    def test_a_lock_conflict_names_the_holder_and_says_what_to_do(self, live_am, make_agent):
         holder = make_agent("mcp-holder", ["developer"])
         other = make_agent("mcp-other", ["developer"])
         file_locks.locks_acquire(agent=holder.agent, paths=["src/app.py"], mode="write", project_name="default")
@@ -123,7 +121,7 @@ class MCPTests:
 class MCPProtocolTests:
     """One worker protocol: MCP refuses and lists exactly as the REST pull does, with the same HTTP guarantees."""
 
-    def test_list_ready_refuses_a_role_the_agent_does_not_hold(self, live_am):
+    def test_list_ready_refuses_a_role_the_agent_does_not_hold(self, live_am, make_agent):
         agent = make_agent("mcp-lister", ["developer"])
 
         async def calls(session):
@@ -138,7 +136,7 @@ class MCPProtocolTests:
         assert agent.client().get("/v1/tasks/Bad Role/ready").status_code == 400
         assert agent.client().get("/v1/tasks/human/ready").status_code == 403
 
-    def test_list_ready_lists_only_what_a_pull_could_hand_out_now(self, live_am):
+    def test_list_ready_lists_only_what_a_pull_could_hand_out_now(self, live_am, make_agent, step, workflow_spec):
         agent = make_agent("mcp-looker", ["developer"], capacity=2)
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("now"), step("later"), name="Backoff"))
         # "later" waits out a retry backoff, as after a failed attempt.
@@ -156,7 +154,7 @@ class MCPProtocolTests:
         assert pulled["step"]["key"] == "now"
         assert again["step"] is None, "the step waiting out its backoff is not handed out either"
 
-    def test_mcp_answers_carry_server_timing_and_refuse_a_body_over_the_limit(self, live_am, settings):
+    def test_mcp_answers_carry_server_timing_and_refuse_a_body_over_the_limit(self, live_am, settings, make_agent):
         agent = make_agent("mcp-timed", ["developer"])
         headers = {"Authorization": f"Bearer {agent.token}", "Accept": "application/json, text/event-stream"}
         hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
