@@ -74,11 +74,14 @@ WITH attempt AS (
     SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = 'completed'
     WHERE l.step_id = %(step)s AND l.released_at IS NULL
     RETURNING l.project_id, l.agent_id, l.path, l.mode, l.fencing
+), locks_done AS (
+    SELECT count(*) AS n FROM locks
 ), workflow AS (
+    -- Joined with `locks_done`, so the step's file locks are taken before the workflow row (the lock order).
     UPDATE coordination_workflow w
     SET event_seq = event_seq + 1 + (ready.n_released > 0)::int, {counter_sets},
         spent_usd = spent_usd + %(usd)s, spent_tokens = spent_tokens + %(tokens)s, updated_at = statement_timestamp()
-    FROM ready
+    FROM ready, locks_done
     WHERE w.id = %(workflow)s
     RETURNING w.event_seq, w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens,
               {counter_columns}, ready.released_keys, ready.released_roles, ready.n_released
