@@ -36,7 +36,12 @@ from coordination.models import Agent, Blob, FileVersion, LockMode, Project, Ste
 from coordination.paths import covering_paths, normalise_file_path, paths_overlap
 from coordination.services import event_log, lock_order
 
+# One API request's batch; an import has its own limits (AM_MAX_ARCHIVE_FILES) and passes `max_changes`.
 MAX_CHANGES_PER_BATCH = 1000
+# New contents go to PostgreSQL in statements of about this many bytes (an import may bring hundreds of MB).
+STORE_BATCH_BYTES = 32 * 1024 * 1024
+# A `files.changed` event lists at most this many changes (an import of thousands of files is counted, not listed).
+EVENT_MAX_CHANGES = 200
 COLLECT_BATCH = 500
 # A content nobody points to is kept this long (a write may be about to use it).
 COLLECT_GRACE = timedelta(hours=1)
@@ -151,12 +156,12 @@ def sha256_of(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def checked_changes(changes: list[Change]) -> list[Change]:
+def checked_changes(changes: list[Change], *, max_changes: int = MAX_CHANGES_PER_BATCH) -> list[Change]:
     """Paths normalised, sizes and counts within limits, one change per path; `InvalidPath`/`TooLarge` else."""
     if not changes:
         raise InvalidRequest("Give at least one change.")
-    if len(changes) > MAX_CHANGES_PER_BATCH:
-        raise InvalidRequest(f"At most {MAX_CHANGES_PER_BATCH} changes per batch; split it up.")
+    if len(changes) > max_changes:
+        raise InvalidRequest(f"At most {max_changes} changes per batch; split it up.")
     seen: set[str] = set()
     checked = []
     for change in changes:
@@ -284,7 +289,8 @@ def _store_contents(changes: list[Change]) -> None:
     if not new:
         return
     alias = settings.AM_WORKSPACE_STORAGE
-    datas, names = [], []
+    shas, sizes, datas, names = [], [], [], []
+    pending = 0
     for sha, data in new.items():
         if alias and len(data) > settings.AM_WORKSPACE_INLINE_MAX_BYTES:
             names.append(storages[alias].save(f"{sha[:2]}/{sha}", ContentFile(data)))
@@ -292,24 +298,40 @@ def _store_contents(changes: list[Change]) -> None:
         else:
             names.append("")
             datas.append(data)
+            pending += len(data)
+        shas.append(sha)
+        sizes.append(len(data))
+        if pending >= STORE_BATCH_BYTES:
+            _insert_blobs(shas, sizes, datas, names)
+            shas, sizes, datas, names = [], [], [], []
+            pending = 0
+    if shas:
+        _insert_blobs(shas, sizes, datas, names)
+
+
+def _insert_blobs(shas: list[str], sizes: list[int], datas: list[bytes | None], names: list[str]) -> None:
     with connection.cursor() as cursor:
-        cursor.execute(STORE_BLOBS_SQL, {"sha256s": list(new), "sizes": [len(d) for d in new.values()],
-                                         "datas": datas, "names": names})
+        cursor.execute(STORE_BLOBS_SQL, {"sha256s": shas, "sizes": sizes, "datas": datas, "names": names})
 
 
 @lock_order.retrying
 def workspace_write(*, project_name: str, changes: list[Change], agent: Agent | None = None,
-                    user: AbstractBaseUser | None = None, if_match: str | None = None,
-                    if_none_match: bool = False) -> tuple[int, list[Written]]:
+                    user: AbstractBaseUser | None = None, system: bool = False, if_match: str | None = None,
+                    if_none_match: bool = False,
+                    max_changes: int = MAX_CHANGES_PER_BATCH) -> tuple[int, list[Written]]:
     """Apply changes as one new workspace version, all or none; return the version and what was written.
 
     An agent writes under its fenced write locks (see the module's rules). A
     person (an upload, an import) needs no lock, but is refused where an
-    agent holds a live lock on the path.
+    agent holds a live lock on the path; so is the system (`system=True`, an
+    operator's `manage.py workspace_import`), which is neither an agent nor a
+    person. `max_changes` is raised only by an import, bounded by its own limits.
     """
-    changes = checked_changes(changes)
-    if agent is None and user is None:
-        raise InvalidRequest("A write is made by an agent or a person.")
+    changes = checked_changes(changes, max_changes=max_changes)
+    if system and (agent is not None or user is not None):
+        raise InvalidRequest("A system write is made by no agent and no person.")
+    if agent is None and user is None and not system:
+        raise InvalidRequest("A write is made by an agent, a person or the system.")
     project = _project(project_name)
     if agent is not None:
         lock_order.share_project(project.id)
@@ -353,16 +375,21 @@ def _record_changed(*, project: Project, versions: list[FileVersion], used: dict
         lock = used.get(version.path)
         key = (lock["workflow_id"], lock["step_id"], lock["step_key"]) if lock and lock["step_id"] else (None, None, "")
         by_workflow.setdefault(key, []).append(version)
-    who = {"agent": agent.name} if agent is not None else {"by_user": user.get_username() if user else None}
+    if agent is not None:
+        who = {"agent": agent.name}
+    else:
+        who = {"by_user": user.get_username()} if user is not None else {"by": "system"}
     for (workflow_id, step_id, step_key), changed in sorted(by_workflow.items(), key=lambda item: str(item[0][0])):
+        listed = changed[:EVENT_MAX_CHANGES]
         event_log.event_record(
             kind="files.changed", workflow_id=workflow_id, step_id=step_id,
             agent_id=agent.id if agent is not None else None,
             data={"project": project.name, "version": changed[0].version, **who,
                   **({"step": step_key} if step_key else {}),
-                  "paths": [v.path for v in changed],
+                  "paths": [v.path for v in listed],
                   "changes": [{"path": v.path, "sha256": v.sha256, "size": v.size, "deleted": v.deleted,
-                               "fencing": v.fencing} for v in changed]})
+                               "fencing": v.fencing} for v in listed],
+                  **({"count": len(changed), "truncated": True} if len(changed) > len(listed) else {})})
 
 
 def blob_bytes(blob: Blob) -> bytes:
