@@ -11,6 +11,7 @@ from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions as drf_exceptions
 from rest_framework import serializers as drf
 from rest_framework import status
 from rest_framework.response import Response
@@ -22,7 +23,7 @@ from coordination.api.views import AUTH_ERRORS, BAD_REQUEST, TOO_LARGE, APIBase,
 from coordination.errors import Forbidden, InvalidRequest
 from coordination.models import Project
 from coordination.paths import normalise_file_path
-from coordination.services import projects, workspace
+from coordination.services import projects, workspace, workspace_archives
 
 PROJECT_NOT_FOUND = {404: _error("not_found: no such project (or file).")}
 WRITE_ERRORS = {
@@ -226,15 +227,14 @@ def _writer(request):
     return agent
 
 
-def _read_body(request, limit: int) -> bytes:
+def _read_body(request, limit: int, setting: str = "AM_MAX_FILE_BYTES") -> bytes:
     """The raw request body, refused past `limit` bytes (files may be larger than AM_MAX_BODY_BYTES)."""
     length = request.META.get("CONTENT_LENGTH") or ""
     if length.isdigit() and int(length) > limit:
-        raise workspace.TooLarge(f"The body is {length} bytes; the limit is {limit} (AM_MAX_FILE_BYTES).",
-                                 limit=limit)
+        raise workspace.TooLarge(f"The body is {length} bytes; the limit is {limit} ({setting}).", limit=limit)
     content = request._request.read(limit + 1)
     if len(content) > limit:
-        raise workspace.TooLarge(f"The body is larger than {limit} bytes (AM_MAX_FILE_BYTES).", limit=limit)
+        raise workspace.TooLarge(f"The body is larger than {limit} bytes ({setting}).", limit=limit)
     return content
 
 
@@ -337,8 +337,45 @@ class ChangesView(APIBase):
                                                       "files": [w.as_dict() for w in written]}).data))
 
 
+class ImportedSerializer(drf.Serializer):
+    project = drf.CharField()
+    version = drf.IntegerField(help_text="The one workspace version the import made.")
+    files = drf.IntegerField(help_text="How many files it wrote.")
+
+
+# What each archive media type holds; application/octet-stream: told by its first bytes.
+ARCHIVE_KINDS = {
+    "application/gzip": "tar.gz",
+    "application/x-gzip": "tar.gz",
+    "application/x-tar": "tar",
+    "application/zip": "zip",
+    "application/x-zip-compressed": "zip",
+    "application/octet-stream": "auto",
+}
+IMPORT_ERRORS = {
+    400: _error("invalid_path (a member's path is absolute, climbs out with `..`, holds control characters or is "
+                "too long; or `into` is such a path) or invalid_request (a link, device or fifo; a path twice; a "
+                "file under a file; no files; not an archive, or a damaged or forged one; a malformed header); "
+                "`detail` and `member` name the member."),
+    403: _error("forbidden: only people and agents created with can_submit import archives."),
+    404: _error("not_found: no such project."),
+    409: _error("lock_required (an agent sent no X-AM-Fencing, or its lock does not cover every file), "
+                "stale_fencing (the lock expired, was released or was granted since), or conflict (a person's "
+                "import where an agent holds a live lock)."),
+    413: _error("too_large: the body is over AM_MAX_ARCHIVE_BYTES, a file over AM_MAX_FILE_BYTES, more than "
+                "AM_MAX_ARCHIVE_FILES files, or more than AM_MAX_ARCHIVE_BYTES once unpacked."),
+    415: _error("unsupported_media_type: send application/gzip, application/x-tar or application/zip."),
+}
+
+
 class ArchiveView(APIBase):
-    query_params_allowed = frozenset({"version", "prefix"})
+    permission_classes = [IsAuthenticated, CanSubmit]
+    parser_classes: list = []
+
+    def initial(self, request, *args, **kwargs):
+        # A download reads `version` and `prefix`, an import `into`: either refuses the other's.
+        self.query_params_allowed = frozenset({"into"} if request.method == "POST" else {"version", "prefix"})
+        super().initial(request, *args, **kwargs)
 
     @extend_schema(operation_id="download_archive", summary="The tree (now or at a version) as a .tar.gz",
                    parameters=[VERSION_PARAM, OpenApiParameter("prefix", OpenApiTypes.STR, required=False)],
@@ -353,6 +390,35 @@ class ArchiveView(APIBase):
         response["Content-Disposition"] = f'attachment; filename="{found.name}-v{version}.tar.gz"'
         response["X-AM-Version"] = str(version)
         return response
+
+    @extend_schema(
+        operation_id="import_archive",
+        summary="Seed the workspace from an archive: every member checked first, then one version, all or none",
+        description="People, and agents created with can_submit. An agent sends `X-AM-Fencing`: its live write lock "
+                    "must cover every file written (a lock on `into`, or a directory above it). A person's import "
+                    "is refused where an agent holds a live lock. Files not in the archive are kept.",
+        request={"application/gzip": OpenApiTypes.BINARY, "application/x-tar": OpenApiTypes.BINARY,
+                 "application/zip": OpenApiTypes.BINARY},
+        parameters=[OpenApiParameter("into", OpenApiTypes.STR, required=False,
+                                     description="A directory to put every file under (e.g. `vendor/lib/`)."),
+                    OpenApiParameter("X-AM-Fencing", OpenApiTypes.INT, OpenApiParameter.HEADER, required=False,
+                                     description="Agents: the fencing number of a live write lock of yours covering "
+                                                 "`into`.")],
+        responses={200: ImportedSerializer, **AUTH_ERRORS, **IMPORT_ERRORS})
+    def post(self, request, project: str):
+        agent = request_agent(request)
+        kind = ARCHIVE_KINDS.get(request.content_type.split(";")[0].strip().lower())
+        if kind is None:
+            raise drf_exceptions.UnsupportedMediaType(
+                request.content_type, detail=f"Content-Type {request.content_type!r} is not an archive: send "
+                "application/gzip (.tar.gz, .tgz), application/x-tar (.tar) or application/zip (.zip).")
+        fencing = _fencing(request)
+        into = request.query_params.get("into", "")
+        body = _read_body(request, settings.AM_MAX_ARCHIVE_BYTES, "AM_MAX_ARCHIVE_BYTES")
+        imported = workspace_archives.workspace_import(project_name=project, archive=body, kind=kind, into=into,
+                                                       agent=agent, user=None if agent else request.user,
+                                                       fencing=fencing)
+        return _no_store(Response(ImportedSerializer(imported.as_dict()).data))
 
 
 class StepChangesView(APIBase):
