@@ -345,7 +345,9 @@ def workspace_write(*, project_name: str, changes: list[Change], agent: Agent | 
     with connection.cursor() as cursor:
         cursor.execute(NEXT_VERSION_SQL, {"project": project.id})
         moved = rows.fetch_named(cursor)
-    version, now = moved["workspace_version"], moved["now"]
+    # An agent's change is dated when its lock was found live; a person's when its version was allocated.
+    version = moved["workspace_version"]
+    now = min((lock["now"] for lock in used.values()), default=moved["now"])
     versions = []
     for change in changes:
         lock = used.get(change.path)
