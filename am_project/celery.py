@@ -26,4 +26,6 @@ def _beat_schedule(sender: Celery, **kwargs) -> None:
             "options": {"expires": settings.AM_SWEEP_INTERVAL_S},
         },
         "resend-stalled": {"task": "coordination.tasks.resend_stalled", "schedule": 60.0, "options": {"expires": 60}},
+        "workspace-collect": {"task": "coordination.tasks.collect_unused_contents", "schedule": 3600.0,
+                              "options": {"expires": 3600}},
     }

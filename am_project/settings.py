@@ -176,6 +176,10 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Where workspace contents above AM_WORKSPACE_INLINE_MAX_BYTES go when AM_WORKSPACE_STORAGE=workspace;
+    # replace the backend (S3, GCS... through django-storages) to keep them elsewhere.
+    "workspace": {"BACKEND": "django.core.files.storage.FileSystemStorage",
+                  "OPTIONS": {"location": str(VAR_DIR / "workspace-blobs")}},
 }
 WHITENOISE_USE_FINDERS = True
 
@@ -226,6 +230,14 @@ AM_RETRY_BACKOFF_BASE_S = env_float("AM_RETRY_BACKOFF_BASE_S", 2.0, minimum=0.0)
 AM_RETRY_BACKOFF_MAX_S = env_float("AM_RETRY_BACKOFF_MAX_S", 300.0, minimum=0.0)
 AM_AGENT_ONLINE_WINDOW_S = env_int("AM_AGENT_ONLINE_WINDOW_S", 60, minimum=1)
 AM_DEMO = env_bool("AM_DEMO", True)
+
+# The workspace: the largest file AM accepts; where large contents go (a STORAGES alias; "" keeps every
+# content in PostgreSQL) and above what size they go there.
+AM_MAX_FILE_BYTES = env_int("AM_MAX_FILE_BYTES", 8 * 1024 * 1024, minimum=1024)
+AM_WORKSPACE_STORAGE = env_str("AM_WORKSPACE_STORAGE", "")
+AM_WORKSPACE_INLINE_MAX_BYTES = env_int("AM_WORKSPACE_INLINE_MAX_BYTES", 1024 * 1024, minimum=0)
+AM_MAX_ARCHIVE_FILES = env_int("AM_MAX_ARCHIVE_FILES", 10000, minimum=1)
+AM_MAX_ARCHIVE_BYTES = env_int("AM_MAX_ARCHIVE_BYTES", 200 * 1024 * 1024, minimum=1024)
 
 # The server's LLM (planner, auditor, synthesis): none, scripted (offline) or openai (any compatible endpoint).
 AM_LLM = env_str("AM_LLM", "none")

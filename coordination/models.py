@@ -34,9 +34,13 @@ class Project(models.Model):
     name = models.SlugField(max_length=64, unique=True)
     description = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
+    # The workspace's version: one more with every change (a write, a delete, a batch), moved in the
+    # transaction of the change.
+    workspace_version = models.BigIntegerField(default=0)
 
     class Meta:
         ordering = ["name"]
+        constraints = [models.CheckConstraint(condition=Q(workspace_version__gte=0), name="project_version_positive")]
 
     def __str__(self) -> str:
         return self.name
@@ -547,3 +551,94 @@ class LockWaiter(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["project", "expires_at"], name="lock_waiter_active")]
+
+
+class Blob(models.Model):
+    """File contents, stored once per content (addressed by their SHA-256).
+
+    In PostgreSQL (`data`) by default; above `AM_WORKSPACE_INLINE_MAX_BYTES`, in
+    the Django storage named by `AM_WORKSPACE_STORAGE` when one is configured
+    (`storage_name` is then its name there).
+    """
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    size = models.BigIntegerField()
+    data = models.BinaryField(null=True, blank=True)
+    storage_name = models.CharField(max_length=300, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(size__gte=0), name="blob_size_positive"),
+            models.CheckConstraint(condition=Q(data__isnull=False) | ~Q(storage_name=""), name="blob_stored_somewhere"),
+        ]
+
+
+class FileVersion(models.Model):
+    """One change of one path in a project's workspace: its content (or its deletion), and who made it, when,
+    under which step, attempt and lock (fencing number)."""
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="file_versions")
+    path = models.CharField(max_length=1024)
+    # The workspace version this change made.
+    version = models.BigIntegerField()
+    blob = models.ForeignKey(Blob, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    size = models.BigIntegerField(default=0)
+    deleted = models.BooleanField(default=False)
+    changed_at = models.DateTimeField()
+    agent = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+")
+    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="file_versions")
+    attempt = models.ForeignKey("Attempt", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    lock = models.ForeignKey(FileLock, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    fencing = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["project", "path", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "path", "version"], name="file_version_unique"),
+            models.CheckConstraint(condition=~Q(path="") & ~Q(path__startswith="/") & ~Q(path__endswith="/"),
+                                   name="file_path_relative"),
+            models.CheckConstraint(condition=Q(deleted=True, blob__isnull=True)
+                                   | Q(deleted=False, blob__isnull=False), name="file_version_has_content"),
+        ]
+        indexes = [
+            # A file's history, and the file as it was at a version: one index probe.
+            models.Index(F("project"), F("path"), F("version").desc(), name="file_history"),
+            # What one workspace version changed.
+            models.Index(fields=["project", "version"], name="file_changes_by_version"),
+            models.Index(fields=["step"], name="file_changes_by_step", condition=Q(step__isnull=False)),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.version}"
+
+
+class WorkspaceFile(models.Model):
+    """Every path a project's workspace has ever had, as it is now (deleted or not): the latest tree in one
+    indexed read, and the set of paths to look up the tree at an older version."""
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="workspace_files")
+    path = models.CharField(max_length=1024)
+    current = models.ForeignKey(FileVersion, on_delete=models.CASCADE, related_name="+")
+    version = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    size = models.BigIntegerField(default=0)
+    deleted = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["project", "path"]
+        constraints = [models.UniqueConstraint(fields=["project", "path"], name="workspace_file_unique_path")]
+        indexes = [
+            # The live tree under a prefix (`path LIKE 'src/%'`), whatever the database's collation.
+            models.Index(fields=["project", "path"], name="workspace_tree_live", opclasses=["uuid_ops", "text_pattern_ops"],
+                         condition=Q(deleted=False)),
+        ]
+
+    def __str__(self) -> str:
+        return self.path
+

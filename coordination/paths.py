@@ -20,6 +20,9 @@ def normalise_path(raw: object) -> str:
         raise InvalidPath("A path must not be empty.", path=raw)
     if "\x00" in raw:
         raise InvalidPath("A path must not contain a NUL byte.", path=raw.replace("\x00", "\\0"))
+    if any(ord(char) < 32 or ord(char) == 127 for char in raw):
+        raise InvalidPath("A path must not contain control characters (newlines, tabs...).",
+                          path=raw.encode("unicode_escape").decode()[:200])
     if "\\" in raw:
         raise InvalidPath("Use '/' to separate path parts; '\\' is not allowed.", path=raw)
     if len(raw) > MAX_PATH_LENGTH:
@@ -48,3 +51,18 @@ def paths_overlap(a: str, b: str) -> bool:
     if b.endswith("/") and (a.startswith(b) or a == b[:-1]):
         return True
     return False
+
+
+def normalise_file_path(raw: object) -> str:
+    """A path that names one file of a workspace (not a directory, not the workspace itself)."""
+    if isinstance(raw, str) and raw.endswith("/"):
+        raise InvalidPath(f"{raw!r} names a directory: a file path does not end with '/'.", path=raw)
+    return normalise_path(raw)
+
+
+def covering_paths(path: str) -> list[str]:
+    """The lock paths that cover a file path: itself, each directory above it, the whole workspace, and a
+    directory lock of its own name (`a.py/`)."""
+    parts = path.split("/")
+    return ["./", *("/".join(parts[:depth]) + "/" for depth in range(1, len(parts))), path, path + "/"]
+

@@ -9,7 +9,17 @@ from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from coordination.errors import NotFound
-from coordination.models import Agent, AuditReport, Event, FileLock, Step, StepDependency, StepStatus, Workflow
+from coordination.models import (
+    Agent,
+    AuditReport,
+    Event,
+    FileLock,
+    FileVersion,
+    Step,
+    StepDependency,
+    StepStatus,
+    Workflow,
+)
 from coordination.paths import paths_overlap
 
 
@@ -137,19 +147,13 @@ def workflow_audit_checks(*, workflow: Workflow) -> list[dict]:
                    + (f"; not completed: {', '.join(failed)}." if failed else ".")),
     })
 
-    unlocked = []
-    for step in steps:
-        written = (step.outputs or {}).get("files_written") or []
-        if not written:
-            continue
-        held = list(FileLock.objects.filter(step=step, mode="write").values_list("path", flat=True))
-        for path in written:
-            if isinstance(path, str) and not any(paths_overlap(lock, path) for lock in held):
-                unlocked.append(f"{step.key}:{path}")
+    unlocked = workflow_writes_outside_locks(workflow=workflow)
+    changed = FileVersion.objects.filter(step__workflow=workflow).count()
     checks.append({"name": "writes_locked", "required": True, "passed": not unlocked,
                    "steps": sorted({item.split(":", 1)[0] for item in unlocked}),
-                   "detail": "Every file written was under a write lock." if not unlocked
-                   else f"Written without a lock: {', '.join(unlocked)}."})
+                   "detail": (f"All {changed} file change(s) the server recorded for this workflow's steps were "
+                              "made under a live write lock held by their writer." if not unlocked
+                              else f"Changed outside a live write lock: {', '.join(unlocked)}.")})
 
     totals = Result.objects.filter(step__workflow=workflow).aggregate(
         time=Sum("execution_time_s"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
@@ -166,3 +170,30 @@ def workflow_audit_checks(*, workflow: Workflow) -> list[dict]:
                    "detail": f"{tokens} tokens, ${float(totals['cost'] or 0):.4f}"
                    + ("" if within else " — over budget.")})
     return checks
+
+
+# Plain SQL: every change a workflow's steps made, with the lock it was written under as it is stored, to
+# check from the server's own records (not the agents' reports) that each was made under a live write lock.
+WRITES_OUTSIDE_LOCKS_SQL = """
+SELECT s.key AS step_key, v.path, v.version
+FROM coordination_fileversion v
+JOIN coordination_step s ON s.id = v.step_id
+LEFT JOIN coordination_filelock l ON l.id = v.lock_id
+WHERE s.workflow_id = %(workflow)s
+  AND (l.id IS NULL OR l.mode <> 'write' OR l.agent_id IS DISTINCT FROM v.agent_id OR l.fencing <> v.fencing
+       OR l.acquired_at > v.changed_at OR l.expires_at < v.changed_at
+       OR (l.released_at IS NOT NULL AND l.released_at < v.changed_at))
+ORDER BY v.version, v.path
+"""
+
+
+def workflow_writes_outside_locks(*, workflow: Workflow) -> list[str]:
+    """`step:path@version` for each change of the workflow's steps not made under a live write lock of its writer."""
+    from django.db import connection
+
+    from coordination import rows
+
+    with connection.cursor() as cursor:
+        cursor.execute(WRITES_OUTSIDE_LOCKS_SQL, {"workflow": workflow.id})
+        return [f"{row['step_key']}:{row['path']}@{row['version']}" for row in rows.fetch_all_named(cursor)]
+

@@ -8,7 +8,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from coordination import selectors
-from coordination.services import audits, file_locks, leases, workflow_creation, workflow_specs
+from coordination.services import audits, file_locks, leases, workflow_creation, workflow_specs, workspace
 from coordination.errors import InvalidState, InvalidWorkflow
 from coordination.llm import server_llm
 from coordination.models import Agent, AuditStatus, Workflow, WorkflowStatus
@@ -20,6 +20,12 @@ logger = logging.getLogger(__name__)
 def sweep_expired() -> dict[str, int]:
     """Expire leases and file locks past their end (Celery beat, every AM_SWEEP_INTERVAL_S)."""
     return {"leases": leases.leases_sweep(), "locks": file_locks.locks_sweep()}
+
+
+@shared_task(name="coordination.tasks.collect_unused_contents", ignore_result=True)
+def collect_unused_contents() -> int:
+    """Remove workspace contents no file version points to (a deleted project's), in bounded batches."""
+    return workspace.contents_collect()
 
 
 @shared_task(name="coordination.tasks.resend_stalled", ignore_result=True)

@@ -295,10 +295,19 @@ class LockRenewInSerializer(StrictSerializer):
 # --- responses -------------------------------------------------------------
 
 
+class LeaseLockSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    path = serializers.CharField()
+    mode = serializers.CharField()
+    fencing = serializers.IntegerField(help_text="Send it as X-AM-Fencing to write the path.")
+    expires_at = serializers.DateTimeField()
+
+
 class LeaseOutSerializer(serializers.Serializer):
     token = serializers.CharField(help_text="Secret: send it with heartbeats, reports and locks.")
     expires_at = serializers.DateTimeField()
     ttl_s = serializers.IntegerField()
+    locks = LeaseLockSerializer(many=True, help_text="The locks granted with the lease for the step's declared files.")
 
 
 class PulledStepSerializer(serializers.Serializer):
@@ -339,7 +348,9 @@ def pull_payload(lease: pull.Lease) -> dict:
             "inputs": lease.inputs,
         },
         "workflow": {"id": workflow.id, "name": workflow.name, "project": workflow.project.name},
-        "lease": {"token": lease.token, "expires_at": lease.expires_at, "ttl_s": step.lease_ttl_s},
+        "lease": {"token": lease.token, "expires_at": lease.expires_at, "ttl_s": step.lease_ttl_s,
+                  "locks": [{"id": lock.id, "path": lock.path, "mode": lock.mode, "fencing": lock.fencing,
+                             "expires_at": lock.expires_at} for lock in lease.locks]},
     }
 
 

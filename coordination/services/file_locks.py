@@ -223,14 +223,14 @@ def declared_files_by_mode(step: Step) -> dict[str, list[str]]:
     return {mode: sorted(paths) for mode, paths in groups.items()}
 
 
-def grant_declared_files(*, step: Step, agent: Agent, expires_at: datetime) -> dict[str, Any]:
-    """Lock a step's declared files for its new lease (the pull holds the project's lock); the event data."""
+def grant_declared_files(*, step: Step, agent: Agent, expires_at: datetime) -> list[FileLock]:
+    """Lock a step's declared files for its new lease (the pull holds the project's lock)."""
     now = db_now()
     locks: list[FileLock] = []
     for mode, paths in declared_files_by_mode(step).items():
         locks += grant_locks(project_id=step.workflow.project_id, paths=paths, mode=mode, agent=agent, step=step,
                              expires_at=expires_at, now=now)
-    return lock_event_data(locks)
+    return locks
 
 
 @lock_order.retrying

@@ -7,10 +7,14 @@ Every transaction that waits for more than one lock takes them in this order:
    (`ORDER BY id FOR UPDATE`): a report locks its step with the dependents it may
    release or skip, a cancel every live step of the workflow, a retry or a
    rework the steps it reopens;
-3. the project (a transaction-scoped advisory lock that serialises lock grants);
-4. file lock rows (a lock's holder and staff release single rows; the sweep
-   takes expired ones by id, skipping those in use);
-5. workflow rows, by ascending id (the counters, the event sequence, the status).
+3. the project's advisory lock (transaction-scoped): lock grants take it
+   exclusively, workspace writes shared, so a grant waits for the writes made
+   under the locks it decides about;
+4. file lock rows (a workspace write locks the ones it writes under, a lock's
+   holder and staff release single rows, a report releases its step's; the
+   sweep takes expired ones by id, skipping those in use);
+5. the project row (its workspace version);
+6. workflow rows, by ascending id (the counters, the event sequence, the status).
 
 Nothing here is ever locked in the other direction, so two services can never
 wait on each other. Locks that never wait do not count: a pull claims its step
@@ -264,6 +268,16 @@ def lock_project(project_id: UUID):
     with connection.cursor() as cursor:
         cursor.execute(LOCK_PROJECT_SQL, {"key": advisory_key(project_id)})
         return rows.fetch_named(cursor)["now"]
+
+
+# Plain SQL: advisory locks have no ORM form.
+SHARE_PROJECT_SQL = "SELECT pg_advisory_xact_lock_shared(%(key)s) AS locked"
+
+
+def share_project(project_id: UUID) -> None:
+    """Hold the project's lock shared (a workspace write): grants in the project wait until this commits."""
+    with connection.cursor() as cursor:
+        cursor.execute(SHARE_PROJECT_SQL, {"key": advisory_key(project_id)})
 
 
 def try_lock_project(project_id: UUID):

@@ -7,8 +7,8 @@ from uuid import UUID
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
-from coordination.errors import InvalidRequest, NotFound
-from coordination.models import Project
+from coordination.errors import Conflict, InvalidRequest, NotFound
+from coordination.models import Agent, Project
 from coordination.services import event_log
 from coordination.services.workflow_counters import actor
 from coordination.services.workflow_specs import PROJECT_RE
@@ -39,19 +39,21 @@ def project_get_or_create(*, name: str) -> Project:
 
 
 @transaction.atomic
-def project_create(*, name: str, description: str = "", user: AbstractBaseUser | None = None) -> Project:
+def project_create(*, name: str, description: str = "", user: AbstractBaseUser | None = None,
+                   agent: Agent | None = None) -> Project:
     """A new project; refused when the name is taken or malformed."""
     _checked_name(name)
     if len(description) > MAX_DESCRIPTION:
         raise InvalidRequest(f"A description is at most {MAX_DESCRIPTION} characters.")
     if Project.objects.filter(name=name).exists():
-        raise InvalidRequest(f"A project named {name!r} exists already.")
+        raise Conflict(f"A project named {name!r} exists already.")
     try:
         with transaction.atomic():
             project = Project.objects.create(name=name, description=description)
     except IntegrityError:
-        raise InvalidRequest(f"A project named {name!r} exists already.") from None
-    event_log.event_record(kind="project.created", data={"project": name, **actor(user, None)})
+        raise Conflict(f"A project named {name!r} exists already.") from None
+    event_log.event_record(kind="project.created", agent_id=agent.id if agent else None,
+                           data={"project": name, **actor(user, agent)})
     return project
 
 

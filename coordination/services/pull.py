@@ -19,7 +19,7 @@ from django.utils import timezone
 from coordination import notify, rows
 from coordination.errors import AtCapacity, Conflict, InvalidRequest
 from coordination.events import event_published
-from coordination.models import Agent, Attempt, Event, Project, Step, StepStatus, Workflow
+from coordination.models import Agent, Attempt, Event, FileLock, Project, Step, StepStatus, Workflow
 from coordination.services import agent_registry, file_locks, lock_order, tokens
 
 MAX_WAIT_S = 30
@@ -34,6 +34,8 @@ class Lease:
     attempt: Attempt
     token: str
     inputs: dict[str, Any]
+    # The locks granted with the lease for the step's declared files (their fencing numbers allow writing).
+    locks: list[FileLock] = field(default_factory=list)
 
     @property
     def expires_at(self) -> datetime:
@@ -171,7 +173,9 @@ def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> L
         if previous is not None:
             if previous.ended_at is None and previous.step.lease_attempt_id == previous.id:
                 return Lease(step=previous.step, attempt=previous, token=tokens.lease_token_for(previous.id),
-                             inputs=step_inputs(previous.step))
+                             inputs=step_inputs(previous.step),
+                             locks=list(FileLock.objects.filter(step=previous.step, agent=agent,
+                                                                released_at__isnull=True).order_by("path")))
             raise Conflict(
                 f"Idempotency-Key {idempotency_key!r} was used for step {previous.step.key!r}, whose lease has ended; "
                 "send a new key with every new pull.",
@@ -255,9 +259,11 @@ def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime, dep
     attempt.lease_token_hash = tokens.token_hash(token)
     data = {"step": step.key, "agent": agent.name, "attempt": attempt.number,
             "expires_at": file_locks.iso(attempt.expires_at)}
+    locks: list[FileLock] = []
     if step.files:
         # The declared files come with the lease, in the same transaction (the project lock is held).
-        data.update(file_locks.grant_declared_files(step=step, agent=agent, expires_at=attempt.expires_at))
+        locks = file_locks.grant_declared_files(step=step, agent=agent, expires_at=attempt.expires_at)
+        data.update(file_locks.lock_event_data(locks))
     with connection.cursor() as cursor:
         cursor.execute(GRANT_SQL, {
             "attempt": attempt.id, "step": step.id, "agent": agent.id, "number": attempt.number,
@@ -278,7 +284,7 @@ def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime, dep
                           kind="step.leased", step_id=step.id, agent_id=agent.id, data=data, at=now))
     inputs = {key: {"final_result": final_result, "outputs": outputs} for key, final_result, outputs in dep_results}
     inputs.update(step.extra_inputs or {})
-    return Lease(step=step, attempt=attempt, token=token, inputs=inputs)
+    return Lease(step=step, attempt=attempt, token=token, inputs=inputs, locks=sorted(locks, key=lambda l: l.path))
 
 
 def pull_waiting(*, agent: Agent, roles: list[str], wait: float, idempotency_key: str = "",
