@@ -35,6 +35,7 @@ bench: $(STAMP)
 	@$(PY) bench/locks.py
 	@$(PY) bench/live.py
 	@$(PY) bench/footprint.py
+	@$(PY) bench/workspace.py
 
 # Failure drills: each on private PostgreSQL and Redis it may stop (RELIABILITY.md).
 drills: $(STAMP)

@@ -115,9 +115,12 @@ def _version(project: Project, version: int | None) -> int:
 def workspace_tree(*, project: Project, prefix: str = "", version: int | None = None) -> tuple[int, list[dict]]:
     """The files under `prefix` now, or as they were at `version`: (the version shown, the files)."""
     at = _version(project, version)
-    sql = TREE_NOW_SQL if at == project.workspace_version else TREE_AT_SQL
+    params = {"project": project.id, "prefix": _like_prefix(prefix), "version": at}
     with connection.cursor() as cursor:
-        cursor.execute(sql, {"project": project.id, "prefix": _like_prefix(prefix), "version": at})
+        if at == project.workspace_version:
+            cursor.execute(TREE_NOW_SQL, params)
+        else:
+            cursor.execute(TREE_AT_SQL, params)
         return at, rows.fetch_all_named(cursor)
 
 
