@@ -24,6 +24,11 @@ def workflow_group(workflow_id: UUID | str) -> str:
     return f"workflow.{workflow_id}"
 
 
+def project_group(name: str) -> str:
+    """The group of a project's pages (its tree and open files). Project names are slugs: valid group names."""
+    return f"project.{name}"
+
+
 def event_published(event: Event) -> Event:
     """Publish an event the caller has inserted, once the transaction commits."""
     transaction.on_commit(lambda: publish_event(event))
@@ -139,8 +144,11 @@ publisher = _Publisher()
 
 
 def publish_event(event: Event) -> None:
-    """Queue the event for the dashboard groups (workflow and overview); never blocks, never raises."""
+    """Queue the event for the dashboard groups (workflow, project, overview); never blocks, never raises."""
     message = {"type": "am.event", "event": event_payload(event)}
     groups = ([workflow_group(event.workflow_id)] if event.workflow_id else []) + [OVERVIEW_GROUP]
+    project = event.data.get("project") if isinstance(event.data, dict) else None
+    if isinstance(project, str) and project:
+        groups.append(project_group(project))
     publisher.submit([(group, message) for group in groups])
 

@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils.html import escape
 
-from coordination.events import OVERVIEW_GROUP, workflow_group
-from coordination.models import Step
+from coordination.events import OVERVIEW_GROUP, project_group, workflow_group
+from coordination.models import Project, Step
 from dashboard import live
 
 logger = logging.getLogger(__name__)
@@ -203,3 +204,26 @@ class StepConsumer(_PageConsumer):
 
     def refresh(self, after):
         return live.step_refresh(self.step_id, self.viewer)
+
+
+class ProjectConsumer(_PageConsumer):
+    """A project page showing the latest version: its tree (under ?dir=) and, on a file's page, that file."""
+
+    def resolve(self):
+        kwargs = self.scope["url_route"]["kwargs"]
+        self.project = kwargs["project"]
+        self.path = kwargs.get("path")
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        directory = (query.get("dir") or [""])[0]
+        self.directory = directory if directory.endswith("/") and directory != "./" else ""
+        self.group = project_group(self.project)
+        return Project.objects.filter(name=self.project).exists()
+
+    def render_target(self):
+        return (self.project, self.path, self.directory)
+
+    def render(self, event, viewer):
+        return live.project(self.project, self.path, self.directory, event["id"], viewer)
+
+    def refresh(self, after):
+        return live.project_refresh(self.project, self.path, self.directory, self.viewer)

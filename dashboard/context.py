@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import timedelta
+from urllib.parse import quote
 
 from django.conf import settings
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.safestring import SafeString, mark_safe
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import TextLexer, get_lexer_for_filename
+from pygments.util import ClassNotFound
 
-from coordination import selectors
+from coordination import selectors, workspace_reads
+from coordination.errors import NotFound
 from coordination.services import pull
-from coordination.models import Attempt, Event, FileLock, Result, Step, Workflow
+from coordination.models import Attempt, Event, FileLock, FileVersion, Project, Result, Step, Workflow
 
 DAG_MAX_STEPS = 300
 NODE_W, NODE_H, GAP_X, GAP_Y = 150, 34, 46, 16
@@ -91,7 +99,17 @@ def locks(*, workflow: Workflow | None = None) -> list[FileLock]:
     rows = list(rows.order_by("project__name", "path"))
     for lock in rows:
         lock.seconds_left = max(0, int((lock.expires_at - now).total_seconds()))
+        lock.href = path_href(lock.project.name, lock.path)
     return rows
+
+
+def path_href(project: str, path: str) -> str:
+    """Where a lock's path is shown: a file's page, or the tree under a directory ("src/"; "./" is all of it)."""
+    if path == "./":
+        return reverse("dashboard:project", args=[project])
+    if path.endswith("/"):
+        return f'{reverse("dashboard:project", args=[project])}?dir={quote(path)}'
+    return reverse("dashboard:project-file", args=[project, path])
 
 
 def workflow(workflow: Workflow) -> dict:
@@ -108,7 +126,18 @@ def workflow(workflow: Workflow) -> dict:
         "events": events,
         "last_seq": workflow.event_seq,
         "audits": list(selectors.workflow_audits(workflow=workflow)),
+        "files": workflow_files(workflow),
     }
+
+
+WORKFLOW_FILES_MAX = 300
+
+
+def workflow_files(workflow: Workflow) -> list[FileVersion]:
+    """The changes the workflow's steps made to the workspace, newest first (one statement)."""
+    return list(FileVersion.objects.filter(step__workflow=workflow).select_related("project", "step", "agent")
+                .only("path", "version", "deleted", "size", "changed_at", "project__name", "step__key", "agent__name")
+                .order_by("-version", "path")[:WORKFLOW_FILES_MAX])
 
 
 def step(step: Step) -> dict:
@@ -133,6 +162,108 @@ def step(step: Step) -> dict:
         "iterations": list(current.iterations.all()) if current else [],
         "totals": totals,
         "locks": list(FileLock.objects.filter(step=step).select_related("agent").order_by("-acquired_at")[:50]),
+        "changes": step_changes(step),
         "last_seq": step.workflow.event_seq,
         "online_window": timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S),
     }
+
+
+def step_changes(step: Step) -> list[dict]:
+    changes = workspace_reads.step_changes(step=step)
+    for change in changes:
+        change["diff_lines"] = diff_lines(change["diff"])
+        change["href"] = f'{reverse("dashboard:project-file", args=[change["project"], change["path"]])}?version={change["version"]}'
+    return changes
+
+
+def diff_lines(diff: str | None) -> list[dict]:
+    """A unified diff as lines tagged for colour; the template escapes their text."""
+    if not diff:
+        return []
+    lines = []
+    for line in diff.splitlines():
+        if line.startswith(("+++", "---")):
+            kind = "file"
+        elif line.startswith("@@"):
+            kind = "hunk"
+        elif line.startswith("+"):
+            kind = "add"
+        elif line.startswith("-"):
+            kind = "del"
+        else:
+            kind = ""
+        lines.append({"kind": kind, "text": line})
+    return lines
+
+
+def projects() -> list[Project]:
+    return list(Project.objects.order_by("name"))
+
+
+TREE_MAX_ROWS = 5000
+
+
+def project_tree(project: Project, *, version: int | None = None, directory: str = "") -> dict:
+    """The tree (under `directory`) at `version` or now, as indented rows: each directory once, before its files."""
+    at, files = workspace_reads.workspace_tree(project=project, prefix=directory, version=version)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for entry in sorted(files, key=lambda f: f["path"].split("/"))[:TREE_MAX_ROWS]:
+        parts = entry["path"][len(directory):].split("/")
+        for depth in range(len(parts) - 1):
+            folder = directory + "/".join(parts[:depth + 1]) + "/"
+            if folder not in seen:
+                seen.add(folder)
+                rows.append({"dir": True, "path": folder, "name": parts[depth] + "/", "depth": depth})
+        rows.append({"dir": False, "path": entry["path"], "name": parts[-1], "depth": len(parts) - 1, "entry": entry})
+    return {"project": project, "version": at, "pinned": version is not None, "latest": project.workspace_version,
+            "directory": directory, "rows": rows, "file_count": len(files), "truncated": len(files) > TREE_MAX_ROWS}
+
+
+HIGHLIGHT_MAX_BYTES = 512 * 1024
+# Pygments escapes every token it writes: its HTML is the only markup built from a file's content.
+SOURCE_FORMATTER = HtmlFormatter(linenos="table", cssclass="source", lineanchors="L", anchorlinenos=True,
+                                 wrapcode=True)
+
+
+def highlighted(path: str, text: str) -> SafeString:
+    try:
+        lexer = get_lexer_for_filename(path, stripnl=False, ensurenl=False)
+    except ClassNotFound:
+        lexer = TextLexer(stripnl=False, ensurenl=False)
+    return mark_safe(highlight(text, lexer, SOURCE_FORMATTER))  # noqa: S308 - Pygments escapes the content
+
+
+def project_file(project: Project, path: str, *, version: int | None = None) -> dict:
+    """One file at `version` or now: highlighted text, or (binary, too large) a download only; None when absent."""
+    ctx: dict = {"project": project, "path": path, "pinned": version is not None, "file": None}
+    try:
+        read = workspace_reads.workspace_file(project=project, path=path, version=version)
+    except NotFound:
+        return ctx
+    text = workspace_reads.text_of(read.content)
+    too_large = len(read.content) > HIGHLIGHT_MAX_BYTES
+    ctx.update(file=read.entry, binary=text is None, too_large=too_large,
+               source=highlighted(path, text) if text is not None and not too_large else None)
+    return ctx
+
+
+def file_history(project: Project, path: str) -> dict:
+    try:
+        history = workspace_reads.workspace_history(project=project, path=path, limit=200)
+    except NotFound:
+        history = []
+    return {"project": project, "path": path, "history": history}
+
+
+def file_diff(project: Project, path: str, *, before: int, after: int) -> dict:
+    """The diff of `path` between two workspace versions (either may predate the file or follow its deletion)."""
+    contents = []
+    for version in (before, after):
+        try:
+            contents.append(workspace_reads.workspace_file(project=project, path=path, version=version).content)
+        except NotFound:
+            contents.append(None)
+    diff = workspace_reads.unified_diff(path, *contents)
+    return {"before": before, "after": after, "diff": diff, "diff_lines": diff_lines(diff),
+            "same": contents[0] == contents[1]}

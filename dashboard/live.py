@@ -7,7 +7,7 @@ from uuid import UUID
 from django.template.loader import render_to_string
 
 from coordination import selectors
-from coordination.models import Event, Iteration, Step, Workflow
+from coordination.models import Event, Iteration, Project, Step, Workflow
 from dashboard import context
 
 STEP_EVENTS_REDRAWING_ALL = ("steps.released", "steps.skipped", "workflow.cancelled", "workflow.rework",
@@ -76,6 +76,8 @@ def workflow(workflow_id: UUID, event_id: int, viewer: dict) -> str:
         parts.append(_render("_locks.html", {"locks": context.locks(workflow=wf)}, viewer))
     if event.kind.startswith(("audit.", "workflow.")):
         parts.append(_render("_audits.html", {"workflow": wf, "audits": list(selectors.workflow_audits(workflow=wf))}, viewer))
+    if event.kind == "files.changed":
+        parts.append(_render("_workflow_files.html", {"files": context.workflow_files(wf), "oob": True}, viewer))
     parts.append(_event_row(event, target="timeline", where="beforeend", viewer=viewer))
     parts.append(_seq_marker(event.seq))
     return "".join(parts)
@@ -90,6 +92,7 @@ def workflow_refresh(workflow_id: UUID, after: int, viewer: dict) -> str:
     timeline = "".join(_render("_event.html", {"event": e}, viewer) for e in missed)
     return (_render("_workflow_header.html", ctx, viewer) + _render("_dag.html", ctx, viewer) + _render("_steps.html", ctx, viewer)
             + _render("_locks.html", ctx, viewer) + _render("_audits.html", ctx, viewer)
+            + _render("_workflow_files.html", {**ctx, "oob": True}, viewer)
             + (f'<ol hx-swap-oob="beforeend:#timeline">{timeline}</ol>' if timeline else "")
             + _seq_marker(wf.event_seq))
 
@@ -113,3 +116,24 @@ def step_refresh(step_id: UUID, viewer: dict) -> str:
     ctx = context.step(step_row)
     return _render("_step_body.html", ctx, viewer).replace('<div id="step-body"', '<div id="step-body" hx-swap-oob="true"', 1) \
         + _seq_marker(ctx["last_seq"])
+
+
+def project(name: str, path: str | None, directory: str, event_id: int, viewer: dict) -> str:
+    """A project page's regions after a change of its files: the tree, and the open file when it changed."""
+    event = Event.objects.filter(id=event_id).first()
+    if event is None or event.kind != "files.changed" or event.data.get("project") != name:
+        return ""
+    changed = path is not None and (path in event.data.get("paths", []) or bool(event.data.get("truncated")))
+    return project_refresh(name, path, directory, viewer, with_file=changed)
+
+
+def project_refresh(name: str, path: str | None, directory: str, viewer: dict, *, with_file: bool = True) -> str:
+    found = Project.objects.filter(name=name).first()
+    if found is None:
+        return ""
+    tree = context.project_tree(found, directory=directory)
+    parts = [_render("_tree.html", {"tree": tree, "path": path, "oob": True}, viewer)]
+    if path is not None and with_file:
+        parts.append(_render("_file.html", {"open": context.project_file(found, path), "oob": True}, viewer))
+        parts.append(_render("_history.html", {**context.file_history(found, path), "oob": True}, viewer))
+    return "".join(parts)

@@ -15,4 +15,9 @@ urlpatterns = [
     path("locks/", views.locks_page, name="locks"),
     path("locks/<uuid:lock_id>/release", views.lock_release, name="lock-release"),
     path("submit/", views.submit_page, name="submit"),
+    path("projects/", views.projects_page, name="projects"),
+    path("projects/<slug:project>/", views.project_page, name="project"),
+    path("projects/<slug:project>/files/<path:path>", views.project_file_page, name="project-file"),
+    path("projects/<slug:project>/download/<path:path>", views.project_file_download, name="project-download"),
+    path("projects/<slug:project>/archive", views.project_archive, name="project-archive"),
 ]

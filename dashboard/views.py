@@ -9,16 +9,17 @@ import yaml
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.utils.http import content_disposition_header
+from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from coordination import selectors
+from coordination import selectors, workspace_reads
 from coordination.services import file_locks, reports, workflow_control, workflow_creation
 from coordination.api.serializers import WorkflowInSerializer
-from coordination.errors import NotFound, ServiceError
+from coordination.errors import InvalidRequest, NotFound, ServiceError
 from coordination.models import WorkflowStatus
 from dashboard import context
 
@@ -121,6 +122,86 @@ def lock_release(request: HttpRequest, lock_id: UUID) -> HttpResponse:
     except ServiceError as exc:
         messages.error(request, exc.detail)
     return _redirect(request, request.POST.get("next") or reverse("dashboard:locks"))
+
+
+@login_required
+def projects_page(request: HttpRequest) -> TemplateResponse:
+    return TemplateResponse(request, "dashboard/projects.html", {"projects": context.projects()})
+
+
+def _version_arg(request: HttpRequest, name: str = "version") -> int | None:
+    raw = request.GET.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name}={raw!r} is not a version number.") from None
+
+
+def _workspace_page(request: HttpRequest, project: str, path: str | None) -> TemplateResponse:
+    """The project page: the tree (at ?version=, under ?dir=) and, for a file, its content, history and a diff."""
+    found = _get_or_404(workspace_reads.project_get, name=project)
+    directory = request.GET.get("dir", "")
+    directory = directory if directory.endswith("/") and directory != "./" else ""
+    ctx: dict = {"project": found, "path": path, "directory": directory, "error": None}
+    try:
+        version = _version_arg(request)
+        ctx["tree"] = context.project_tree(found, version=version, directory=directory)
+        if path is not None:
+            ctx["open"] = context.project_file(found, path, version=version)
+            ctx.update(context.file_history(found, path))
+            before, after = _version_arg(request, "from"), _version_arg(request, "to")
+            if before is not None and after is not None:
+                ctx["diff"] = context.file_diff(found, path, before=before, after=after)
+    except InvalidRequest as exc:
+        ctx["error"] = exc.detail
+        ctx["tree"] = context.project_tree(found, directory=directory)
+        return TemplateResponse(request, "dashboard/project.html", ctx, status=400)
+    if path is not None and ctx["open"]["file"] is None and not ctx["history"]:
+        raise Http404(f"No file {path} in project {found.name!r} has ever existed.")
+    return TemplateResponse(request, "dashboard/project.html", ctx)
+
+
+@login_required
+def project_page(request: HttpRequest, project: str) -> TemplateResponse:
+    return _workspace_page(request, project, None)
+
+
+@login_required
+def project_file_page(request: HttpRequest, project: str, path: str) -> TemplateResponse:
+    return _workspace_page(request, project, path)
+
+
+@login_required
+@require_GET
+def project_file_download(request: HttpRequest, project: str, path: str) -> HttpResponse:
+    """A file's bytes as an attachment: the browser saves it, never renders it (agent-written content)."""
+    found = _get_or_404(workspace_reads.project_get, name=project)
+    try:
+        read = workspace_reads.workspace_file(project=found, path=path, version=_version_arg(request))
+    except NotFound as exc:
+        raise Http404(exc.detail) from None
+    except InvalidRequest as exc:
+        return HttpResponse(exc.detail, status=400, content_type="text/plain; charset=utf-8")
+    response = HttpResponse(read.content, content_type="application/octet-stream")
+    response["Content-Disposition"] = content_disposition_header(True, path.rsplit("/", 1)[-1])
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@login_required
+@require_GET
+def project_archive(request: HttpRequest, project: str) -> HttpResponse:
+    """The tree (at ?version=) as a .tar.gz, streamed file by file."""
+    found = _get_or_404(workspace_reads.project_get, name=project)
+    try:
+        version, chunks = workspace_reads.archive_chunks(project=found, version=_version_arg(request))
+    except InvalidRequest as exc:
+        return HttpResponse(exc.detail, status=400, content_type="text/plain; charset=utf-8")
+    response = StreamingHttpResponse(chunks, content_type="application/gzip")
+    response["Content-Disposition"] = content_disposition_header(True, f"{found.name}-v{version}.tar.gz")
+    return response
 
 
 SUBMIT_EXAMPLE = """name: Write a blog post
