@@ -10,6 +10,8 @@ that says what went wrong and what to do next.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextvars
 import json
 import time
@@ -28,21 +30,28 @@ from mcp.server.transport_security import TransportSecuritySettings
 from rest_framework import serializers as drf_serializers
 from rest_framework.renderers import JSONRenderer
 
-from coordination import db_errors
-from coordination.errors import NotFound, ServiceError
+from coordination import db_errors, workspace_reads
+from coordination.errors import InvalidRequest, NotFound, ServiceError
 from coordination.models import Agent, Workflow
-from coordination.services import agent_registry, file_locks, leases, pull, reports, tokens
+from coordination.paths import MAX_PATH_LENGTH, normalise_file_path
+from coordination.services import agent_registry, file_locks, leases, pull, reports, tokens, workspace
 
 # What to do next, by error code: appended to the service's own message.
 NEXT_STEP = {
     "stale_lease": "Drop this step's work and call pull_step for another.",
     "lock_conflict": "Pick another step (release this one's locks first), or call acquire_locks again with wait_s.",
     "at_capacity": "Report or finish a step you hold before pulling another.",
-    "not_found": "Check the id: use the one pull_step or acquire_locks returned.",
+    "not_found": "Check the id, project or path: use what pull_step, acquire_locks or list_files returned.",
     "forbidden": "Use only steps, locks and roles that are yours.",
     "invalid_request": "Fix the arguments and call again.",
     "busy": "Call again in a few seconds.",
     "database_unavailable": "Call again in a few seconds.",
+    "invalid_path": "Give a file's path relative to the workspace, like src/app.py: no leading '/', no '..'.",
+    "lock_required": "Call acquire_locks for the path with mode 'write' (with your step_id and lease_token), "
+                     "then write with its fencing.",
+    "stale_fencing": "Your lock ended or was taken over: read the file again, lock it again, then write.",
+    "precondition_failed": "Read the file again and redo your change on its current content.",
+    "too_large": "Keep each file within the limit: split the content into several smaller files.",
 }
 
 
@@ -118,8 +127,9 @@ mcp = MCPServer(
     "AgentManager",
     instructions=(
         "You are a worker for AgentManager (AM), which coordinates many agents on one workflow and one shared "
-        "workspace. Pull a step for your role, keep its lease alive with heartbeat while you work, lock files "
-        "before you write them, and report the result. See the prompt 'work_a_step'."
+        "workspace. Pull a step for your role, keep its lease alive with heartbeat while you work, read files "
+        "with read_file before you change them, lock them and write them through AM with write_file and the "
+        "lock's fencing number, and report the result. See the prompt 'work_a_step'."
     ),
     token_verifier=AgentTokenVerifier(),
     # Agent tokens are ours, not OAuth tokens bound to an audience: the verifier checks them itself.
@@ -143,8 +153,11 @@ async def pull_step(role: str, wait_s: float = 0) -> dict:
     """Take the next ready step of your role (or several roles, comma-separated) and hold it under a lease.
 
     Call this when you are free to work. Returns the step (its description, the files it declares and the
-    results of the steps it depends on as `inputs`), its workflow, and a lease: keep `lease.token`, call
-    heartbeat before `lease.expires_at` (every ttl_s/3 seconds is safe), and finish with report_result.
+    results of the steps it depends on as `inputs`), its workflow (`workflow.project` is the project whose
+    workspace you work in: pass it to read_file, write_file and the other file tools), and a lease: keep
+    `lease.token`, call heartbeat before `lease.expires_at` (every ttl_s/3 seconds is safe), and finish with
+    report_result. `lease.locks` are the locks granted with the lease on the step's declared files (`path`,
+    `mode`, `fencing`): write a file declared for writing with its lock's `fencing`, no acquire_locks needed.
     `wait_s` (0 to 30) waits that long for a step to become ready. If nothing is ready, `step` is null:
     call again later. at_capacity means you already hold as many steps as you may: finish one first.
     """
@@ -230,7 +243,8 @@ async def acquire_locks(paths: list[str], mode: str = "write", ttl_s: int | None
     your step_id and lease_token to hold the locks under your step's lease (they end with it); else they
     last `ttl_s` seconds (default 300). All paths are granted or none. lock_conflict names who holds what
     and until when: pick another step, or call again with wait_s (up to 30) to queue for them. Keep the
-    returned ids and `fencing` numbers; release the locks with release_locks when done.
+    returned ids and `fencing` numbers (write_file and delete_file take the fencing); release the locks with
+    release_locks when done.
     """
     payload: dict[str, Any] = {"paths": paths, "mode": mode, "wait_s": wait_s}
     for name, value in (("ttl_s", ttl_s), ("step_id", step_id), ("lease_token", lease_token), ("project", project)):
@@ -290,6 +304,136 @@ async def list_ready(role: str) -> dict:
     return await _call(_ready, role)
 
 
+def _list_files(project: str, prefix: str, version: int | None) -> dict:
+    from coordination.api.workspace_views import TreeSerializer
+
+    _agent()
+    if len(prefix) > MAX_PATH_LENGTH:
+        raise InvalidRequest(f"prefix may be at most {MAX_PATH_LENGTH} characters.")
+    found = workspace_reads.project_get(name=project)
+    at, files = workspace_reads.workspace_tree(project=found, prefix=prefix, version=version)
+    return _plain(TreeSerializer({"project": found.name, "version": at, "files": files}).data)
+
+
+@mcp.tool()
+async def list_files(project: str, prefix: str = "", version: int | None = None) -> dict:
+    """The files of a project's workspace (a step's project is the pull answer's `workflow.project`).
+
+    Each file has its path, size, `sha256`, the workspace `version` that last changed it and who changed it.
+    `prefix` keeps only paths starting with it ("src/"); `version` shows the tree as it was at that
+    workspace version instead of now.
+    """
+    return await _call(_list_files, project, prefix, version)
+
+
+def _read_file(project: str, path: str, version: int | None) -> dict:
+    _agent()
+    found = workspace_reads.project_get(name=project)
+    read = workspace_reads.workspace_file(project=found, path=normalise_file_path(path), version=version)
+    entry = read.entry
+    text = workspace_reads.text_of(read.content)
+    answer: dict[str, Any] = {"project": found.name, "path": entry["path"], "version": entry["version"],
+                              "sha256": entry["sha256"], "size": entry["size"], "binary": text is None}
+    if text is None:
+        answer["content_b64"] = base64.b64encode(read.content).decode("ascii")
+    else:
+        answer["content"] = text
+    return answer
+
+
+@mcp.tool()
+async def read_file(project: str, path: str, version: int | None = None) -> dict:
+    """A file of the workspace: read it before you change it, and never change a file you have not read.
+
+    Text (UTF-8 without NUL bytes) comes as `content`; anything else as `content_b64` (base64) with
+    `binary: true`. Keep the `sha256`: pass it to write_file as `if_match` so that your write lands only
+    if nobody changed the file since you read it. `version` is the workspace version that last changed
+    the file; pass `version` to read the file as it was at that workspace version. not_found: no such file.
+    """
+    return await _call(_read_file, project, path, version)
+
+
+def _content(content: str | None, content_b64: str | None) -> bytes:
+    if (content is None) == (content_b64 is None):
+        raise InvalidRequest("Give exactly one of `content` (text) or `content_b64` (any bytes, base64).")
+    if content is not None:
+        return content.encode("utf-8")
+    try:
+        return base64.b64decode(content_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("content_b64 is not valid base64.") from None
+
+
+def _fencing(fencing: int | None) -> int | None:
+    if fencing is not None and fencing < 1:
+        raise InvalidRequest("fencing is a lock's fencing number, 1 or more.")
+    return fencing
+
+
+def _sha256(if_match: str | None) -> str | None:
+    return None if if_match is None else if_match.strip().strip('"')
+
+
+def _write_file(project: str, path: str, *, fencing: int | None, if_match: str | None, if_none_match: bool = False,
+                content: str | None = None, content_b64: str | None = None, delete: bool = False) -> dict:
+    """One change, checked in the order of `PUT`/`DELETE /v1/projects/{project}/files/{path}`."""
+    from coordination.api.workspace_views import WrittenSerializer
+
+    agent = _agent()
+    path = normalise_file_path(path)
+    change = workspace.Change(path=path, content=None if delete else _content(content, content_b64),
+                              fencing=_fencing(fencing))
+    _, written = workspace.workspace_write(project_name=project, changes=[change], agent=agent,
+                                           if_match=_sha256(if_match), if_none_match=if_none_match)
+    return _plain(WrittenSerializer(written[0].as_dict()).data)
+
+
+@mcp.tool()
+async def write_file(project: str, path: str, fencing: int | None = None, content: str | None = None,
+                     content_b64: str | None = None, if_match: str | None = None,
+                     if_none_match: bool = False) -> dict:
+    """Write a file of the workspace, under a write lock of yours that covers it: send the lock's `fencing`.
+
+    For a file your step declares, the lock is in the pull answer's `lease.locks`; for any other file, call
+    acquire_locks([path], "write", step_id=..., lease_token=...) first. Send text as `content`, or any bytes
+    as `content_b64` (base64). `if_match`: the sha256 read_file gave you, so the write lands only if the
+    file is still what you read; `if_none_match: true` only if the file does not exist yet. The answer is
+    the file's new sha256, size and workspace version. Nothing is written on an error: lock_required (no
+    such lock: lock first), stale_fencing (your lock ended or was taken over: read again, lock again),
+    precondition_failed (the file changed: read it again), too_large, invalid_path.
+    """
+    return await _call(_write_file, project, path, fencing=fencing, if_match=if_match, if_none_match=if_none_match,
+                       content=content, content_b64=content_b64)
+
+
+@mcp.tool()
+async def delete_file(project: str, path: str, fencing: int | None = None, if_match: str | None = None) -> dict:
+    """Delete a file of the workspace, under a write lock of yours that covers it (its `fencing`), as write_file.
+
+    `if_match`: the sha256 you read, so that only that content is deleted. Its history stays (file_history).
+    """
+    return await _call(_write_file, project, path, fencing=fencing, if_match=if_match, delete=True)
+
+
+def _file_history(project: str, path: str, limit: int) -> dict:
+    from coordination.api.workspace_views import HistorySerializer
+
+    _agent()
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest(f"limit={limit} is out of range 1..1000.")
+    found = workspace_reads.project_get(name=project)
+    path = normalise_file_path(path)
+    history = workspace_reads.workspace_history(project=found, path=path, limit=limit)
+    return _plain(HistorySerializer({"project": found.name, "path": path, "versions": history}).data)
+
+
+@mcp.tool()
+async def file_history(project: str, path: str, limit: int = 1000) -> dict:
+    """Every version of a file, newest first: the workspace version, sha256, size, whether it was a deletion,
+    when, by whom, under which step and fencing number. read_file with `version` reads an old one."""
+    return await _call(_file_history, project, path, limit)
+
+
 def _uuid(value: str) -> str:
     try:
         return str(UUID(str(value)))
@@ -330,15 +474,23 @@ def work_a_step(role: str) -> str:
         f"You work steps of role {role!r} for AgentManager.\n"
         f"1. Call pull_step(role={role!r}, wait_s=20). If `step` is null, nothing is ready: call it again.\n"
         "2. Read the step's description, its declared `files` and `inputs` (the results of the steps it "
-        "depends on). Keep `lease.token`.\n"
+        "depends on). Keep `lease.token`. `workflow.project` is the project whose workspace you work in; "
+        "`lease.locks` are your locks on the declared files, each with its `fencing` number.\n"
         "3. While you work, call heartbeat(step_id, lease_token, iterations) every lease.ttl_s/3 seconds, "
         "sending your new reasoning steps. If it answers cancel: true, stop and do not report.\n"
-        "4. Before writing a file the step did not declare, call acquire_locks([path], 'write', step_id=..., "
-        "lease_token=...). On lock_conflict, wait (wait_s) or work on something else; never write a file "
-        "you have not locked.\n"
-        "5. Finish with report_result(step_id, lease_token, 'completed', final_result=..., iterations=[...]) "
+        "4. The files live in AM, not on your disk: list_files(project) shows them. Before editing a file, "
+        "read it with read_file(project, path) and keep its sha256; never edit a file you have not read.\n"
+        "5. Lock before writing: a file declared for writing is already locked (its lock is in lease.locks); "
+        "for any other file call acquire_locks([path], 'write', step_id=..., lease_token=...) first. On "
+        "lock_conflict, wait (wait_s) or work on something else; never write a file you have not locked.\n"
+        "6. Write through AM: write_file(project, path, content=..., fencing=<the lock's fencing>, "
+        "if_match=<the sha256 you read>) (content_b64 for binary; if_none_match=true for a new file), "
+        "delete_file(project, path, fencing=...) likewise. On stale_fencing your lock ended or was taken "
+        "over: read the file again, lock it again, redo the change. On precondition_failed someone changed "
+        "the file: read it again and redo your change on its current content.\n"
+        "7. Finish with report_result(step_id, lease_token, 'completed', final_result=..., iterations=[...]) "
         "or 'failed' with an error. Locks under the step are released with it.\n"
-        "6. On stale_lease at any point, the step is no longer yours: drop the work and pull another.\n"
+        "8. On stale_lease at any point, the step is no longer yours: drop the work and pull another.\n"
     )
 
 

@@ -1,6 +1,8 @@
 """The MCP endpoint, through the official `mcp` client SDK against a live server (daphne) over HTTP."""
 
 import asyncio
+import base64
+import hashlib
 import json
 from datetime import timedelta
 
@@ -10,8 +12,9 @@ from django.utils import timezone
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from coordination.services import file_locks, leases, pull, workflow_creation
-from coordination.models import Result, Step
+from coordination import workspace_reads
+from coordination.services import file_locks, leases, projects, pull, workflow_creation, workspace
+from coordination.models import FileVersion, Project, Result, Step, WorkspaceFile
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -116,6 +119,139 @@ class MCPTests:
         text = result.content[0].text
         assert "lock_conflict: src/app.py is held (write) by mcp-holder until " in text
         assert "pick another step" in text.lower()
+
+
+def _sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _seed(project: str, path: str, content: bytes) -> None:
+    """A file put there by an operator (an import), before any agent holds a lock."""
+    workspace.workspace_write(project_name=project, changes=[workspace.Change(path, content)], system=True)
+
+
+class MCPWorkspaceTests:
+    """The workspace through MCP: the same rules and errors as `/v1/projects/{project}/files`."""
+
+    def test_an_mcp_client_works_a_step_on_its_declared_files(self, live_am, make_agent, step, workflow_spec):
+        agent = make_agent("mcp-editor", ["developer"])
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
+            step("A", files=(("src/app.py", "write"), ("old.txt", "write"))), name="Files via MCP", project="mcpweb"))
+        _seed("mcpweb", "old.txt", b"obsolete\n")
+
+        async def calls(session):
+            names = {tool.name for tool in (await session.list_tools()).tools}
+            prompt = await session.get_prompt("work_a_step", {"role": "developer"})
+            pulled = _json(await session.call_tool("pull_step", {"role": "developer"}))
+            project, step_id, token = pulled["workflow"]["project"], pulled["step"]["id"], pulled["lease"]["token"]
+            fencing = {lock["path"]: lock["fencing"] for lock in pulled["lease"]["locks"]}
+            written = _json(await session.call_tool("write_file", {
+                "project": project, "path": "src/app.py", "content": "print('hi')\n",
+                "fencing": fencing["src/app.py"], "if_none_match": True}))
+            read = _json(await session.call_tool("read_file", {"project": project, "path": "src/app.py"}))
+            listed = _json(await session.call_tool("list_files", {"project": project, "prefix": "src/"}))
+            history = _json(await session.call_tool("file_history", {"project": project, "path": "src/app.py"}))
+            old = _json(await session.call_tool("read_file", {"project": project, "path": "old.txt"}))
+            deleted = _json(await session.call_tool("delete_file", {
+                "project": project, "path": "old.txt", "fencing": fencing["old.txt"], "if_match": old["sha256"]}))
+            report = _json(await session.call_tool("report_result", {
+                "step_id": step_id, "lease_token": token, "status": "completed", "final_result": "wrote app.py"}))
+            return names, prompt.messages[0].content.text, pulled, fencing, written, read, listed, history, old, \
+                deleted, report
+
+        names, prompt, pulled, fencing, written, read, listed, history, old, deleted, report = asyncio.run(
+            _session_calls(live_am, agent.token, calls))
+        assert {"list_files", "read_file", "write_file", "delete_file", "file_history"} <= names
+        assert all(words in prompt for words in ("read_file", "lease.locks", "acquire_locks", "fencing", "sha256"))
+        assert pulled["workflow"]["project"] == "mcpweb"
+        assert {lock["mode"] for lock in pulled["lease"]["locks"]} == {"write"} and set(fencing) == {"src/app.py",
+                                                                                                     "old.txt"}
+        assert written == {"path": "src/app.py", "sha256": _sha(b"print('hi')\n"), "size": 12, "version": 2}
+        assert read == {"project": "mcpweb", "path": "src/app.py", "version": 2, "sha256": written["sha256"],
+                        "size": 12, "binary": False, "content": "print('hi')\n"}
+        assert listed["version"] == 2 and [f["path"] for f in listed["files"]] == ["src/app.py"]
+        assert listed["files"][0]["agent"] == "mcp-editor" and listed["files"][0]["step_id"] == pulled["step"]["id"]
+        assert [(v["version"], v["fencing"], v["deleted"]) for v in history["versions"]] == [
+            (2, fencing["src/app.py"], False)]
+        assert old["content"] == "obsolete\n" and old["version"] == 1
+        assert deleted == {"path": "old.txt", "sha256": "", "size": 0, "version": 3, "deleted": True}
+        assert report["status"] == "completed"
+        # The server holds the content, as REST reads it, and knows which step wrote it.
+        project = Project.objects.get(name="mcpweb")
+        assert project.workspace_version == 3
+        assert workspace_reads.workspace_file(project=project, path="src/app.py").content == b"print('hi')\n"
+        assert agent.client().get("/v1/projects/mcpweb/files/src/app.py").content == b"print('hi')\n"
+        assert WorkspaceFile.objects.get(project=project, path="old.txt").deleted
+        assert FileVersion.objects.get(project=project, path="src/app.py").step_id == Step.objects.get(
+            workflow=workflow, key="A").id
+
+    def test_a_stale_fencing_number_is_refused_through_mcp_as_through_rest(self, live_am, make_agent):
+        first = make_agent("mcp-late", ["developer"])
+        second = make_agent("mcp-next", ["developer"])
+        projects.project_create(name="mcpstale")
+        _seed("mcpstale", "src/app.py", b"v1\n")
+        mine = file_locks.locks_acquire(agent=first.agent, paths=["src/app.py"], mode="write",
+                                        project_name="mcpstale")[0]
+        # The lock ends and another agent takes the file.
+        file_locks.lock_release(lock_id=mine.id, agent=first.agent)
+        theirs = file_locks.locks_acquire(agent=second.agent, paths=["src/app.py"], mode="write",
+                                          project_name="mcpstale")[0]
+
+        async def calls(session):
+            stale = await session.call_tool("write_file", {"project": "mcpstale", "path": "src/app.py",
+                                                           "content": "late\n", "fencing": mine.fencing})
+            unlocked = await session.call_tool("write_file", {"project": "mcpstale", "path": "src/app.py",
+                                                              "content": "late\n"})
+            gone = await session.call_tool("delete_file", {"project": "mcpstale", "path": "src/app.py",
+                                                           "fencing": mine.fencing})
+            return stale, unlocked, gone
+
+        stale, unlocked, gone = asyncio.run(_session_calls(live_am, first.token, calls))
+        assert stale.is_error
+        text = stale.content[0].text
+        assert "stale_fencing: Fencing" in text and f'"current_fencing": {theirs.fencing}' in text
+        assert "read the file again, lock it again, then write" in text
+        assert unlocked.is_error and "lock_required: " in unlocked.content[0].text
+        assert "acquire_locks" in unlocked.content[0].text
+        assert gone.is_error and "stale_fencing: " in gone.content[0].text
+        rest = first.client().generic("PUT", "/v1/projects/mcpstale/files/src/app.py", b"late\n",
+                                      content_type="application/octet-stream", HTTP_X_AM_FENCING=str(mine.fencing))
+        assert rest.status_code == 409 and rest.json()["error"] == "stale_fencing"
+        assert rest.json()["current_fencing"] == theirs.fencing
+        # Nothing was written: the seed is still the only version.
+        project = Project.objects.get(name="mcpstale")
+        assert project.workspace_version == 1
+        assert workspace_reads.workspace_file(project=project, path="src/app.py").content == b"v1\n"
+
+    def test_a_binary_file_reads_as_base64_and_a_bad_path_is_refused(self, live_am, make_agent):
+        agent = make_agent("mcp-reader", ["developer"])
+        projects.project_create(name="mcpbin")
+        logo = b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe"
+        _seed("mcpbin", "img/logo.png", logo)
+        _seed("mcpbin", "latin1.txt", "café".encode("latin-1"))
+
+        async def calls(session):
+            binary = _json(await session.call_tool("read_file", {"project": "mcpbin", "path": "img/logo.png"}))
+            latin = _json(await session.call_tool("read_file", {"project": "mcpbin", "path": "./latin1.txt"}))
+            refused = [await session.call_tool(tool, {"project": "mcpbin", "path": path, **extra})
+                       for tool, path, extra in (("read_file", "../etc/passwd", {}), ("read_file", "img/", {}),
+                                                 ("file_history", "/etc/passwd", {}),
+                                                 ("write_file", "a/../../x", {"content": "x", "fencing": 1}))]
+            missing = await session.call_tool("read_file", {"project": "mcpbin", "path": "nope.txt"})
+            return binary, latin, refused, missing
+
+        binary, latin, refused, missing = asyncio.run(_session_calls(live_am, agent.token, calls))
+        assert binary["binary"] is True and "content" not in binary
+        assert base64.b64decode(binary["content_b64"]) == logo
+        assert binary["sha256"] == _sha(logo) and binary["size"] == len(logo) and binary["version"] == 1
+        assert latin["binary"] is True and latin["path"] == "latin1.txt"
+        assert base64.b64decode(latin["content_b64"]) == "café".encode("latin-1")
+        for result in refused:
+            assert result.is_error and "invalid_path: " in result.content[0].text, result.content[0].text
+            assert "relative to the workspace" in result.content[0].text
+        assert agent.client().get("/v1/projects/mcpbin/files/img/").status_code == 400
+        assert missing.is_error and "not_found: No file nope.txt" in missing.content[0].text
+        assert Project.objects.get(name="mcpbin").workspace_version == 2
 
 
 class MCPProtocolTests:
