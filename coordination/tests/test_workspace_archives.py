@@ -21,25 +21,12 @@ from coordination.errors import InvalidRequest
 from coordination.management.commands import workspace_export
 from coordination.models import Blob, Event, FileVersion, Project, WorkspaceFile
 from coordination.services import agent_registry, projects, workspace, workspace_archives
+from coordination.tests.workspace_agent import Worker
 
 pytestmark = pytest.mark.django_db
 
 TREE = {"README.md": b"# webapp\n", "src/app.py": b"print('hi')\n", "src/lib/util.py": b"x = 1\n",
         "img/logo.png": bytes(range(256)) * 4, "empty.txt": b""}
-
-
-class Worker:
-    def __init__(self, name: str, can_submit: bool = False) -> None:
-        self.agent, token = agent_registry.agent_create(name=name, roles=["developer"], capacity=2,
-                                                        can_submit=can_submit)
-        self.client = APIClient()
-        self.client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-
-    def lock(self, *paths: str, mode: str = "write", project: str = "webapp") -> list[dict]:
-        response = self.client.post("/v1/locks", {"project": project, "paths": list(paths), "mode": mode,
-                                                  "ttl_s": 300}, format="json")
-        assert response.status_code == 201, response.content
-        return response.json()["locks"]
 
 
 def _import(client: APIClient, body: bytes, content_type: str = "application/gzip", project: str = "webapp",
