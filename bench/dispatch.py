@@ -23,7 +23,7 @@ CONCURRENCY = [1, 8, 32]
 
 
 def seed_steps(count: int) -> None:
-    from coordination.services import agent_registry, workflow_creation, workflow_specs
+    from coordination.services import workflow_creation, workflow_specs
 
     per = 5000
     for offset in range(0, count, per):
@@ -183,7 +183,7 @@ def main() -> None:
     CONCURRENCY = [int(n) for n in args.clients.split(",")]
     url, params = fresh_database()
 
-    from coordination.services import agent_registry, workflow_creation, workflow_specs
+    from coordination.services import agent_registry
 
     servers = [s for s in args.servers.split(",") if s]
     expected = int(600 * args.seconds * len(CONCURRENCY) * len(servers)) + 2000

@@ -24,7 +24,7 @@ from _harness import emit, fresh_database, percentile, pull_and_report, run_clie
 
 
 def seed_ready(count: int, per_workflow: int = 5000) -> None:
-    from coordination.services import agent_registry, workflow_creation, workflow_specs
+    from coordination.services import workflow_creation, workflow_specs
 
     for offset in range(0, count, per_workflow):
         n = min(per_workflow, count - offset)
@@ -154,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     _url, params = fresh_database()
 
-    from coordination.services import agent_registry, workflow_creation, workflow_specs
+    from coordination.services import agent_registry
 
     ready = int(args.pullers * args.seconds * 2 * 1000 / max(args.think_ms, 50)) + 2000
     say(f"seeding {ready:,} ready steps")

@@ -35,7 +35,7 @@ def drill(name: str):
 def _workflow(name: str, steps: int, *, roles=("developer", "tester"), layer: int = 0, lease_ttl_s: int = 4,
               max_attempts: int = 20, files: bool = False):
     """`steps` steps over `roles`; with `layer`, step i depends on step i - layer (a DAG that opens as it goes)."""
-    from coordination.services import agent_registry, workflow_creation, workflow_specs
+    from coordination.services import workflow_creation, workflow_specs
 
     specs = []
     for i in range(steps):
@@ -48,7 +48,7 @@ def _workflow(name: str, steps: int, *, roles=("developer", "tester"), layer: in
 
 
 def _agents(count: int, roles=("developer", "tester"), capacity: int = 2, prefix: str = "agent"):
-    from coordination.services import agent_registry, workflow_creation, workflow_specs
+    from coordination.services import agent_registry
 
     return [(f"{prefix}-{i}", agent_registry.agent_create(name=f"{prefix}-{i}", roles=list(roles), capacity=capacity)[1])
             for i in range(count)]

@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 from coordination.errors import InvalidRequest
 from coordination.management.commands import workspace_export
 from coordination.models import Blob, Event, FileVersion, Project, WorkspaceFile
-from coordination.services import agent_registry, projects, workspace, workspace_archives
+from coordination.services import projects, workspace, workspace_archives
 from coordination.tests.workspace_agent import Worker
 
 pytestmark = pytest.mark.django_db
