@@ -243,9 +243,8 @@ def project_file(project: Project, path: str, *, version: int | None = None) -> 
         return ctx
     text = workspace_reads.text_of(read.content)
     too_large = len(read.content) > HIGHLIGHT_MAX_BYTES
-    ctx.update(file=read.entry, binary=text is None, too_large=too_large,
-               source=highlighted(path, text) if text is not None and not too_large else None)
-    return ctx
+    return {**ctx, "file": read.entry, "binary": text is None, "too_large": too_large,
+            "source": highlighted(path, text) if text is not None and not too_large else None}
 
 
 def file_history(project: Project, path: str) -> dict:
