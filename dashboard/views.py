@@ -150,7 +150,7 @@ def _workspace_page(request: HttpRequest, project: str, path: str | None) -> Tem
         ctx["tree"] = context.project_tree(found, version=version, directory=directory)
         if path is not None:
             ctx["open"] = context.project_file(found, path, version=version)
-            ctx.update(context.file_history(found, path))
+            ctx = {**ctx, **context.file_history(found, path)}
             before, after = _version_arg(request, "from"), _version_arg(request, "to")
             if before is not None and after is not None:
                 ctx["diff"] = context.file_diff(found, path, before=before, after=after)
