@@ -20,7 +20,8 @@ from agents.runtime import Worker, WorkerConfig
 ENV = {
     "server": "AM_SERVER", "token": "AM_TOKEN", "roles": "AM_ROLES", "workspace": "AM_WORKSPACE",
     "llm": "AM_LLM", "concurrency": "AM_CONCURRENCY", "verbose": "AM_VERBOSE", "name": "AM_AGENT_NAME",
-    "max_iterations": "AM_MAX_ITERATIONS",
+    "max_iterations": "AM_MAX_ITERATIONS", "allow_commands": "AM_ALLOW_COMMANDS",
+    "command_timeout": "AM_COMMAND_TIMEOUT_S",
 }
 LLM_ENV = {
     "base_url": "AM_LLM_BASE_URL", "model": "AM_LLM_MODEL", "api_key": "AM_LLM_API_KEY",
@@ -38,10 +39,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="AgentManager URL, e.g. http://127.0.0.1:8000 [AM_SERVER]")
     p.add_argument("--token", help="the agent's bearer token [AM_TOKEN]")
     p.add_argument("--roles", help="comma-separated roles to pull (default: all of the agent's) [AM_ROLES]")
-    p.add_argument("--workspace", help="the directory the agent works in [AM_WORKSPACE]")
+    p.add_argument("--workspace", help="where the agent keeps its mirror of each project's workspace, "
+                                       "one directory a project [AM_WORKSPACE]")
     p.add_argument("--llm", choices=["openai", "scripted"], help="LLM provider (default openai) [AM_LLM]")
     p.add_argument("--concurrency", type=int, help="steps worked at once (default 1) [AM_CONCURRENCY]")
     p.add_argument("--max-iterations", type=int, help="Reason+Act iterations per step (default 25)")
+    p.add_argument("--allow-commands", action="store_true", default=None,
+                   help="offer the LLM run_command: shell commands in the mirror (off by default) [AM_ALLOW_COMMANDS]")
+    p.add_argument("--command-timeout", type=float, help="run_command's time limit in seconds (default 120) "
+                                                         "[AM_COMMAND_TIMEOUT_S]")
     p.add_argument("--config", help="a TOML file with the same settings (and an [llm] table)")
     p.add_argument("--name", help="a name for the log lines")
     p.add_argument("--verbose", action="store_true", default=None, help="show each thought and action")
@@ -85,6 +91,12 @@ def resolve(args: argparse.Namespace, environ: dict[str, str]) -> tuple[WorkerCo
         raise ConfigError(f"concurrency and max-iterations are whole numbers: {exc}") from None
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1.")
+    try:
+        command_timeout = float(pick("command_timeout", 120))
+    except ValueError as exc:
+        raise ConfigError(f"--command-timeout is a number of seconds: {exc}") from None
+    if command_timeout <= 0:
+        raise ConfigError("--command-timeout must be more than 0 seconds.")
     # In the file, `llm` is the provider's name, or a table of its options with `provider` in it.
     llm_file = file.get("llm", {}) if isinstance(file.get("llm"), dict) else {}
     llm_name = args.llm or environ.get(ENV["llm"]) or (
@@ -104,7 +116,8 @@ def resolve(args: argparse.Namespace, environ: dict[str, str]) -> tuple[WorkerCo
     config = WorkerConfig(
         server=server, token=token, roles=roles, workspace=Path(workspace).expanduser().resolve(),
         concurrency=concurrency, max_iterations=max_iterations, verbose=_bool(pick("verbose", False)),
-        name=pick("name", "") or "",
+        name=pick("name", "") or "", allow_commands=_bool(pick("allow_commands", False)),
+        command_timeout_s=command_timeout,
     )
     return config, llm_name, llm_options
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -66,7 +67,7 @@ class Client:
         self._http.close()
 
     def request(
-        self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+        self, method: str, path: str, *, json: Any = None, content: bytes | None = None, params: dict | None = None,
         headers: dict | None = None, retry_for: float = 60.0, timeout: float | None = None,
         abort: threading.Event | None = None,
     ) -> httpx.Response:
@@ -76,7 +77,7 @@ class Client:
         started = time.monotonic()
         while True:
             try:
-                response = self._http.request(method, path, json=json, params=params, headers=headers,
+                response = self._http.request(method, path, json=json, content=content, params=params, headers=headers,
                                               timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
@@ -126,6 +127,35 @@ class Client:
 
     def me(self) -> dict[str, Any]:
         return self.request("GET", "/v1/agents/me", retry_for=30).json()
+
+    # --- the project's workspace ------------------------------------------------
+
+    def files(self, project: str) -> dict[str, Any]:
+        """The workspace's tree now: `{"version": N, "files": [{"path", "sha256", "size", ...}]}`."""
+        return self.request("GET", f"/v1/projects/{project}/files", retry_for=30).json()
+
+    def file_bytes(self, project: str, path: str) -> bytes | None:
+        """A file's bytes now, or None when there is no such file (any more)."""
+        try:
+            return self.request("GET", f"/v1/projects/{project}/files/{quote(path)}", retry_for=30).content
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def put_file(self, project: str, path: str, content: bytes, *, fencing: int) -> dict[str, Any]:
+        return self.request("PUT", f"/v1/projects/{project}/files/{quote(path)}", content=content,
+                            headers={"X-AM-Fencing": str(fencing), "Content-Type": "application/octet-stream"},
+                            retry_for=30).json()
+
+    def delete_file(self, project: str, path: str, *, fencing: int) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/projects/{project}/files/{quote(path)}",
+                            headers={"X-AM-Fencing": str(fencing)}, retry_for=30).json()
+
+    def write_changes(self, project: str, changes: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several changes as one workspace version, all or none."""
+        return self.request("POST", f"/v1/projects/{project}/changes", json={"changes": changes},
+                            retry_for=30).json()
 
 
 def _detail(response: httpx.Response) -> str:

@@ -14,21 +14,27 @@ from agents.tools import TOOL_DOCS, LeaseLost, ToolError, Workspace
 
 logger = logging.getLogger("agents.react")
 
-ACTION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["thought", "action"],
-    "properties": {
-        "thought": {"type": "string"},
-        "action": {
-            "type": "object",
-            "required": ["tool"],
-            "properties": {
-                "tool": {"type": "string", "enum": list(TOOL_DOCS)},
-                "args": {"type": "object"},
+
+def action_schema(tools: list[str]) -> dict[str, Any]:
+    """The JSON an LLM answers with: a thought and one of the `tools` offered."""
+    return {
+        "type": "object",
+        "required": ["thought", "action"],
+        "properties": {
+            "thought": {"type": "string"},
+            "action": {
+                "type": "object",
+                "required": ["tool"],
+                "properties": {
+                    "tool": {"type": "string", "enum": tools},
+                    "args": {"type": "object"},
+                },
             },
         },
-    },
-}
+    }
+
+
+ACTION_SCHEMA = action_schema(list(TOOL_DOCS))
 
 MAX_OBSERVATION = 4000
 
@@ -46,10 +52,11 @@ class Outcome:
     retryable: bool = False
 
 
-def system_prompt(role: str) -> str:
-    tools = "\n".join(f"- {doc}" for doc in TOOL_DOCS.values())
+def system_prompt(role: str, tool_docs: dict[str, str] | None = None) -> str:
+    tools = "\n".join(f"- {doc}" for doc in (tool_docs or TOOL_DOCS).values())
     return (
-        f"You are the {role} of a team of agents working in one shared workspace. Work on the step you are "
+        f"You are the {role} of a team of agents working in one shared workspace (other agents, maybe on "
+        "other machines, see what you write once the server takes it). Work on the step you are "
         "given, one action at a time. Each reply is a JSON object: {\"thought\": what you think next, "
         "\"action\": {\"tool\": name, \"args\": {...}}}. You will be shown the observation of each action.\n"
         f"Tools:\n{tools}\n"
@@ -83,8 +90,10 @@ def run_loop(
 ) -> Outcome:
     """Run the loop to an outcome; raise Stopped or LeaseLost when told to drop the work."""
     usage = usage if usage is not None else Usage()
+    tool_docs = workspace.tool_docs()
+    schema = action_schema(list(tool_docs))
     messages = [
-        {"role": "system", "content": system_prompt(step["role"])},
+        {"role": "system", "content": system_prompt(step["role"], tool_docs)},
         {"role": "user", "content": task_prompt(step, workflow)},
     ]
     for index in range(1, max_iterations + 1):
@@ -93,7 +102,7 @@ def run_loop(
         reply = None
         for attempt in range(1, llm_retries + 1):
             try:
-                reply, spent = llm.complete_json(messages, ACTION_SCHEMA, purpose="act")
+                reply, spent = llm.complete_json(messages, schema, purpose="act")
                 usage.add(spent)
                 break
             except LLMError as exc:
@@ -132,4 +141,4 @@ def _short_args(args: dict[str, Any]) -> dict[str, Any]:
             for key, value in args.items()}
 
 
-__all__ = ["ACTION_SCHEMA", "LeaseLost", "Outcome", "Stopped", "run_loop"]
+__all__ = ["ACTION_SCHEMA", "LeaseLost", "Outcome", "Stopped", "action_schema", "run_loop"]

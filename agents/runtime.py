@@ -4,8 +4,10 @@
 2. A background heartbeat keeps the lease (and the step's locks) alive and
    streams each new iteration as it happens; `cancel: true` or `409
    stale_lease` stops the loop.
-3. The Reason+Act loop acts through the workspace tools; writing a file the
-   step did not declare first takes a write lock under the lease.
+3. The project's mirror under `--workspace` is brought up to date from the
+   server; the Reason+Act loop acts through the tools on it. A write goes to
+   the server under a write lock's fencing number (a file the step did not
+   declare is first locked under the lease), then to the mirror.
 4. The result is reported with the whole history, usage and execution time,
    retried with backoff until the server takes it (or refuses it for good).
 On SIGTERM/SIGINT no new step is pulled; running steps finish within the
@@ -25,7 +27,8 @@ from typing import Any
 from agents.client import ApiError, Client, Pulled, Unreachable
 from agents.llm.base import LLM, Usage
 from agents.react import Outcome, Stopped, run_loop
-from agents.tools import LeaseLost, ToolError, Workspace
+from agents.mirror import Mirror
+from agents.tools import CommandPolicy, LeaseLost, ToolError, Workspace
 
 logger = logging.getLogger("agents")
 
@@ -42,6 +45,11 @@ class WorkerConfig:
     shutdown_grace_s: float = 30.0
     verbose: bool = False
     name: str = ""
+    # run_command is offered only when the operator allows it (--allow-commands).
+    allow_commands: bool = False
+    command_timeout_s: float = 120.0
+    # How long a lock for a write waits for another holder to let go before the LLM is told of the conflict.
+    lock_wait_s: float = 10.0
 
 
 @dataclass
@@ -96,8 +104,9 @@ class Worker:
         self.config.workspace.mkdir(parents=True, exist_ok=True)
         if not self.config.roles:
             self.config.roles = self.client.me()["roles"]
-        logger.info("%s working as %s in %s (%d slot(s)), server %s", self.config.name or "agent",
-                    ",".join(self.config.roles), self.config.workspace, self.config.concurrency, self.config.server)
+        logger.info("%s working as %s, mirrors in %s (%d slot(s)%s), server %s", self.config.name or "agent",
+                    ",".join(self.config.roles), self.config.workspace, self.config.concurrency,
+                    ", commands allowed" if self.config.allow_commands else "", self.config.server)
         self._budget = max_steps
         self._budget_lock = threading.Lock()
         self.deliver_spooled()
@@ -151,19 +160,32 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(run,), name=f"heartbeat-{step['key']}", daemon=True)
         beat.start()
         usage = Usage()
-        workspace = Workspace(self.config.workspace, declared=step.get("files", []),
-                              lock_writer=lambda path: self._lock_for_write(run, path))
+        outcome: Outcome | None = None
+        why = "the worker is shutting down"
         try:
-            outcome = run_loop(
-                llm=self.llm, step=step, workflow=pulled.workflow, workspace=workspace,
-                on_iteration=lambda it: self._record(run, it), should_stop=lambda: self._should_stop(run),
-                max_iterations=self.config.max_iterations, usage=usage,
+            mirror = Mirror(self.config.workspace, pulled.workflow.get("project") or "default", self.client)
+            mirror.sync()
+        except (ApiError, Unreachable, OSError) as exc:
+            mirror = None
+            why = f"the mirror could not be brought up to date ({exc})"
+            logger.warning("%s: %s", run.label, why)
+        if mirror is not None:
+            workspace = Workspace(
+                mirror.root, mirror=mirror, locks=pulled.lease.get("locks", []),
+                lock_writer=lambda paths: self._lock_for_write(run, paths),
+                commands=CommandPolicy(self.config.command_timeout_s) if self.config.allow_commands else None,
             )
-        except (Stopped, LeaseLost):
-            outcome = None
-        except Exception as exc:  # noqa: BLE001 - a bug in a tool must fail the step, not the worker
-            logger.exception("Unexpected error in %s", run.label)
-            outcome = Outcome(status="failed", error=f"Worker error: {type(exc).__name__}: {exc}", retryable=True)
+            try:
+                outcome = run_loop(
+                    llm=self.llm, step=step, workflow=pulled.workflow, workspace=workspace,
+                    on_iteration=lambda it: self._record(run, it), should_stop=lambda: self._should_stop(run),
+                    max_iterations=self.config.max_iterations, usage=usage,
+                )
+            except (Stopped, LeaseLost):
+                outcome = None
+            except Exception as exc:  # noqa: BLE001 - a bug in a tool must fail the step, not the worker
+                logger.exception("Unexpected error in %s", run.label)
+                outcome = Outcome(status="failed", error=f"Worker error: {type(exc).__name__}: {exc}", retryable=True)
         run.done.set()
         run.new_iteration.set()
         beat.join(timeout=10)
@@ -175,7 +197,7 @@ class Worker:
             self._hand_back(run, "the server asked to stop (workflow cancelled or paused)")
             return
         if outcome is None:
-            self._hand_back(run, "the worker is shutting down")
+            self._hand_back(run, why)
             return
         self._report(run, outcome, usage, elapsed)
 
@@ -221,18 +243,21 @@ class Worker:
                 logger.warning("Heartbeat for %s could not reach the server: %s", run.label, exc)
             time.sleep(0.2)  # at most a few heartbeats a second, however fast the iterations come
 
-    def _lock_for_write(self, run: StepRun, path: str) -> None:
+    def _lock_for_write(self, run: StepRun, paths: list[str]) -> list[dict[str, Any]]:
+        """Write locks on `paths` under the step's lease, all or none: the granted locks (with fencing)."""
+        named = ", ".join(paths)
         try:
-            self.client.lock([path], "write", step_id=run.pulled.step_id, token=run.pulled.token)
+            return self.client.lock(paths, "write", step_id=run.pulled.step_id, token=run.pulled.token,
+                                    wait_s=self.config.lock_wait_s)
         except ApiError as exc:
             if exc.code == "stale_lease":
                 run.lost.set()
                 raise LeaseLost() from exc
             if exc.code == "lock_conflict":
-                raise ToolError(f"lock_conflict on {path}: {exc.detail}") from exc
-            raise ToolError(f"Could not lock {path}: {exc.detail}") from exc
+                raise ToolError(f"lock_conflict on {named}: {exc.detail}") from exc
+            raise ToolError(f"Could not lock {named}: {exc.detail}") from exc
         except Unreachable as exc:
-            raise ToolError(f"Could not lock {path}: the server is unreachable ({exc}); try again later.") from exc
+            raise ToolError(f"Could not lock {named}: the server is unreachable ({exc}); try again later.") from exc
 
     def _report(self, run: StepRun, outcome: Outcome, usage: Usage, elapsed: float) -> None:
         payload = {

@@ -40,8 +40,7 @@ def _content_for(role: str, path: str, context: dict[str, Any]) -> str:
     feedback = inputs.get("_audit", {}).get("feedback") if isinstance(inputs.get("_audit"), dict) else None
     revised = f"\n\nRevised after audit feedback: {feedback}\n" if feedback else ""
     if path.endswith(".py") and (role == "tester" or "test" in path.rsplit("/", 1)[-1]):
-        return (f'"""Tests written for: {name}."""\n\n\ndef test_prototype_behaves():\n'
-                f"    notes = []\n    notes.append('first note')\n    assert notes == ['first note']\n{revised}")
+        return _test_module(name, context, feedback)
     if path.endswith(".py"):
         return (f'"""{name}: a small, working prototype."""\n\n\nclass NoteBook:\n'
                 "    def __init__(self):\n        self.notes = []\n\n"
@@ -59,6 +58,87 @@ def _content_for(role: str, path: str, context: dict[str, Any]) -> str:
     return f"# {name}\n\n{body}\n{revised}"
 
 
+def _test_module(name: str, context: dict[str, Any], feedback: str | None) -> str:
+    """Tests that run under pytest, or alone (`python tests/test_x.py`), writing a report under reports/."""
+    sources = [f["path"] for f in context.get("files", [])
+               if f.get("mode") == "read" and (f["path"].endswith(".py") or f["path"].endswith("/"))]
+    revised = f"# Revised after audit feedback: {feedback}\n" if feedback else ""
+    return f'''"""Tests written for: {name}."""
+{revised}
+import importlib.util
+import pathlib
+import sys
+
+SOURCES = {sources!r}  # the code under test, relative to the workspace
+
+
+def _modules():
+    for source in SOURCES:
+        base = pathlib.Path(source)
+        for path in sorted([base] if base.suffix == ".py" else base.glob("*.py")):
+            if path.is_file():
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                yield module
+
+
+def test_prototype_behaves():
+    notes = []
+    notes.append("first note")
+    assert notes == ["first note"]
+
+
+def test_the_code_under_test():
+    for module in _modules():
+        if hasattr(module, "NoteBook"):
+            book = module.NoteBook()
+            book.add(" Buy milk ")
+            assert book.search("MILK") == ["Buy milk"]
+
+
+if __name__ == "__main__":
+    tests = [test for key, test in sorted(globals().items()) if key.startswith("test_")]
+    failed = []
+    for test in tests:
+        try:
+            test()
+        except Exception as exc:
+            failed.append(f"FAILED {{test.__name__}}: {{exc!r}}\\n")
+    report = pathlib.Path("reports") / (pathlib.Path(__file__).stem + ".txt")
+    report.parent.mkdir(exist_ok=True)
+    report.write_text(f"{{len(tests) - len(failed)}} passed, {{len(failed)}} failed\\n" + "".join(failed))
+    print(report.read_text(), end="")
+    sys.exit(1 if failed else 0)
+'''
+
+
+def _edited(previous: str, role: str, path: str, context: dict[str, Any]) -> str:
+    if previous.startswith("Refused:"):
+        return _content_for(role, path, context)
+    note = f"Edited by the {role} for: {context.get('name', 'the step')}."
+    return f"{previous.rstrip()}\n\n{'# ' if path.endswith('.py') else ''}{note}\n"
+
+
+def _observations(messages: list[dict[str, str]]) -> list[str]:
+    """What each action so far showed, in order."""
+    return [m["content"].removeprefix("Observation:\n") for m in messages
+            if m.get("role") == "user" and m.get("content", "").startswith("Observation:\n")]
+
+
+def _commands_offered(messages: list[dict[str, str]]) -> bool:
+    return any(m.get("role") == "system" and "run_command(" in m.get("content", "") for m in messages)
+
+
+def _last_exit(messages: list[dict[str, str]]) -> str:
+    for message in reversed(messages):
+        content = message.get("content", "")
+        if message.get("role") == "user" and content.startswith("Observation:\n$ "):
+            lines = content.splitlines()
+            return f"; ran {lines[1][2:]}: {lines[2] if len(lines) > 2 else ''}"
+    return ""
+
+
 def _act(messages: list[dict[str, str]], context: dict[str, Any]) -> dict[str, Any]:
     role = context.get("role", "worker")
     files = context.get("files", [])
@@ -69,12 +149,24 @@ def _act(messages: list[dict[str, str]], context: dict[str, Any]) -> dict[str, A
     plan: list[dict[str, Any]] = [
         {"thought": "First, see what the workspace holds.", "action": {"tool": "list_files", "args": {"path": "."}}},
     ]
-    plan += [{"thought": f"Read {path}, which this step needs.", "action": {"tool": "read_file", "args": {"path": path}}}
-             for path in reads]
-    plan += [{"thought": f"Write {path} for the {role} part of the work.",
-              "action": {"tool": "write_file", "args": {"path": path, "content": _content_for(role, path, context)}}}
+    listing = _observations(messages)[:1]
+    present = set(listing[0].splitlines()) if listing else set()
+    # A file to write that another step wrote already is read first, then edited rather than replaced.
+    edits = [path for path in writes if path in present and path not in reads]
+    plan += [{"thought": f"Read {path}, which this step needs.",
+              "action": {"tool": "read_file", "args": {"path": path}}} for path in reads + edits]
+    read_back = dict(zip(reads + edits, _observations(messages)[1:]))
+    plan += [{"thought": f"{'Edit' if path in edits else 'Write'} {path} for the {role} part of the work.",
+              "action": {"tool": "write_file", "args": {"path": path, "content": (
+                  _edited(read_back.get(path, ""), role, path, context) if path in edits
+                  else _content_for(role, path, context))}}}
              for path in writes]
-    summary = f"{context.get('name', 'Step')}: done by the {role}; wrote {', '.join(writes)}."
+    tests = [path for path in writes if path.endswith(".py") and "test" in path.rsplit("/", 1)[-1]]
+    if tests and _commands_offered(messages):
+        plan.append({"thought": f"Run {tests[0]} to see that the tests pass; its report is saved with it.",
+                     "action": {"tool": "run_command", "args": {"command": f"python {tests[0]}"}}})
+    summary = (f"{context.get('name', 'Step')}: done by the {role}; wrote {', '.join(writes)}"
+               f"{_last_exit(messages)}.")
     plan.append({"thought": "The work is written; finish with a summary.",
                  "action": {"tool": "finish", "args": {"result": summary, "outputs": {"files": writes}}}})
     turn = sum(1 for m in messages if m.get("role") == "assistant")

@@ -2,13 +2,15 @@
 
 import argparse
 import os
+import sys
+import time
 
 import pytest
 
 from agents.cli import ConfigError, parser, resolve
 from agents.llm.base import LLMError, Usage
 from agents.react import run_loop
-from agents.tools import ToolError, Workspace
+from agents.tools import CommandPolicy, ToolError, Workspace, run_process
 
 STEP = {"key": "A", "name": "Do A", "role": "developer", "description": "", "files": [], "inputs": {}}
 
@@ -21,9 +23,13 @@ class ScriptLLM:
     def __init__(self, answers):
         self.answers = list(answers)
         self.calls = 0
+        self.prompts = []
+        self.schemas = []
 
     def complete_json(self, messages, schema, *, purpose):
         self.calls += 1
+        self.prompts.append(messages[0]["content"])
+        self.schemas.append(schema)
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -51,21 +57,63 @@ class WorkspaceTests:
 
     def test_it_locks_an_undeclared_file_before_writing_it(self, tmp_path):
         locked = []
-        workspace = Workspace(tmp_path, declared=[{"path": "src/", "mode": "write"}], lock_writer=locked.append)
+
+        def lock(paths):
+            locked.extend(paths)
+            return [{"path": path, "mode": "write", "fencing": 9} for path in paths]
+        workspace = Workspace(tmp_path, locks=[{"path": "src/", "mode": "write", "fencing": 4},
+                                               {"path": "docs/", "mode": "read", "fencing": 2}], lock_writer=lock)
         workspace.write_file("src/app.py", "x = 1\n")
         workspace.write_file("notes/todo.md", "- a\n")
         workspace.write_file("notes/todo.md", "- b\n")
-        assert locked == ["notes/todo.md"]
+        workspace.write_file("docs/x.md", "a read lock is not a write lock\n")
+        assert locked == ["notes/todo.md", "docs/x.md"]
         assert (tmp_path / "notes/todo.md").read_text() == "- b\n"
-        assert workspace.written == ["src/app.py", "notes/todo.md"]
+        assert workspace.written == ["src/app.py", "notes/todo.md", "docs/x.md"]
 
     def test_a_refused_lock_is_not_a_write(self, tmp_path):
-        def refuse(path):
-            raise ToolError(f"lock_conflict on {path}")
+        def refuse(paths):
+            raise ToolError(f"lock_conflict on {paths}")
         workspace = Workspace(tmp_path, lock_writer=refuse)
         with pytest.raises(ToolError):
             workspace.write_file("shared.md", "x")
         assert not (tmp_path / "shared.md").exists()
+
+
+    def test_the_mirror_bookkeeping_is_not_a_project_file(self, tmp_path):
+        with pytest.raises(ToolError, match="bookkeeping"):
+            Workspace(tmp_path).read_file(".am-mirror/state.json")
+
+
+class CommandTests:
+    def test_run_command_is_offered_only_when_commands_are_allowed(self, tmp_path):
+        assert "run_command" not in Workspace(tmp_path).tool_docs()
+        assert "run_command" in Workspace(tmp_path, commands=CommandPolicy()).tool_docs()
+        llm = ScriptLLM([
+            {"thought": "try", "action": {"tool": "run_command", "args": {"command": "touch x"}}},
+            {"thought": "ok", "action": {"tool": "finish", "args": {"result": "done"}}},
+        ])
+        outcome, history = _loop(tmp_path, llm)
+        assert "run_command" not in llm.prompts[0] and "write_file(" in llm.prompts[0]
+        assert "run_command" not in llm.schemas[0]["properties"]["action"]["properties"]["tool"]["enum"]
+        assert history[0]["observation"].startswith("Refused: run_command is not offered")
+        assert "--allow-commands" in history[0]["observation"] and not (tmp_path / "x").exists()
+
+    def test_a_command_gets_no_secrets_and_the_workers_python(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("AM_TOKEN", "tok-3f9a")
+        monkeypatch.setenv("AM_LLM_API_KEY", "key-77c1")
+        monkeypatch.setenv("OPENAI_API_KEY", "key-0b2e")
+        ran = run_process("env; python -c 'import sys; print(sys.executable)'", cwd=tmp_path, timeout_s=30)
+        assert "exit code 0" in ran and "PATH=" in ran
+        assert not any(secret in ran for secret in ("tok-3f9a", "key-77c1", "key-0b2e"))
+        assert not any(line.startswith("AM_") for line in ran.splitlines())
+        assert os.path.realpath(sys.executable) in [os.path.realpath(line) for line in ran.splitlines()]
+
+    def test_a_command_is_stopped_at_its_timeout_and_its_output_cut(self, tmp_path):
+        started = time.monotonic()
+        ran = run_process("yes line | head -c 100000; sleep 30", cwd=tmp_path, timeout_s=1)
+        assert time.monotonic() - started < 10
+        assert "timed out after 1 s" in ran and "bytes left out" in ran and len(ran) < 4000
 
 
 class LoopTests:
@@ -113,6 +161,13 @@ class ConfigTests:
         assert resolved.server == "http://cli" and resolved.token == "env-token"
         assert resolved.roles == ["a", "b"] and resolved.concurrency == 3
         assert llm == "openai" and options["model"] == "env-model"
+
+    def test_commands_are_off_unless_allowed(self):
+        base = ["--server", "http://x", "--token", "t", "--workspace", "/tmp/w"]
+        assert resolve(parser().parse_args(base), {})[0].allow_commands is False
+        allowed, _, _ = resolve(parser().parse_args([*base, "--allow-commands", "--command-timeout", "30"]), {})
+        assert (allowed.allow_commands, allowed.command_timeout_s) == (True, 30.0)
+        assert resolve(parser().parse_args(base), {"AM_ALLOW_COMMANDS": "1"})[0].allow_commands is True
 
     def test_missing_settings_are_named(self):
         with pytest.raises(ConfigError, match="--token, --workspace"):

@@ -1,5 +1,6 @@
 """Real worker processes (`python -m agents`) against a real daphne server and PostgreSQL."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordination.services import leases, workflow_control, workflow_creation
-from coordination.models import Attempt, AttemptOutcome, Iteration, Result, Step, Workflow
+from coordination.models import Attempt, AttemptOutcome, Iteration, Result, Step, Workflow, WorkspaceFile
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -76,8 +77,11 @@ class WorkerTests:
         finally:
             codes = [worker.stop() for worker in workers]
         assert codes == [0, 0, 0], "SIGTERM stops a worker cleanly"
+        # Every file reached the server, and the mirror the three workers share holds it as the server does.
         for path in ["research/scope.md", "research/market.md", "src/app.py", "tests/test_app.py", "notes/report.md"]:
-            assert (workspace / path).is_file(), path
+            stored = WorkspaceFile.objects.get(project=workflow.project, path=path, deleted=False)
+            mirrored = workspace / workflow.project.name / path
+            assert mirrored.is_file() and hashlib.sha256(mirrored.read_bytes()).hexdigest() == stored.sha256, path
         results = Result.objects.filter(step__workflow=workflow)
         assert results.count() == 6 and set(results.values_list("model", flat=True)) == {"scripted"}
         assert all(r.attempt.iterations.count() >= 3 and r.execution_time_s is not None for r in results)
