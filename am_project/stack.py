@@ -70,7 +70,8 @@ class Stack:
             self.optional.add(name)
 
     def start_demo_agents(self, env: dict[str, str], base_url: str) -> None:
-        """Scripted agents on a shared workspace under var/demo, each answer slowed so the work can be watched."""
+        """Scripted agents, each with its own mirror under var/demo/<agent>/, sharing no disk: they build one
+        workspace through the server. Each answer is slowed so the work can be watched."""
         demo_dir = embedded.var_dir() / "demo"
         agents_file = demo_dir / "agents.json"
         self.manage(env, "demo", "--agents-file", str(agents_file))
@@ -79,12 +80,14 @@ class Stack:
         worker_env = {k: v for k, v in env.items() if k != "DJANGO_SETTINGS_MODULE"}
         worker_env.setdefault("AM_SCRIPTED_DELAY_S", "1.5")
         for agent in agents:
+            # The tester runs the tests it wrote: its scripted commands are known and local.
+            commands = ["--allow-commands"] if "tester" in agent["roles"] else []
             self.spawn(agent["name"], [
-                sys.executable, "-m", "agents", "--server", base_url, "--token", agent["token"],
-                "--workspace", str(demo_dir / "workspace"), "--llm", "scripted",
-                "--concurrency", str(agent["capacity"]), "--name", agent["name"],
-            ], worker_env, essential=False)
-        _say(f"Demo: {len(agents)} scripted agents working in {demo_dir / 'workspace'}")
+                sys.executable, "-m", "agents", "--server", base_url,
+                "--workspace", str(demo_dir / agent["name"]), "--llm", "scripted",
+                "--concurrency", str(agent["capacity"]), "--name", agent["name"], *commands,
+            ], {**worker_env, "AM_TOKEN": agent["token"]}, essential=False)  # not in argv, which anyone can read
+        _say(f"Demo: {len(agents)} scripted agents, each with its own mirror under {demo_dir}/<agent>/")
 
     def wait_healthy(self, url: str, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout

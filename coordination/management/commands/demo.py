@@ -7,7 +7,11 @@ from coordination.services import agent_registry, workflow_creation, workflow_sp
 
 # A small product-research workflow: two parallel research branches meet in an
 # architecture step, then development and documentation run side by side, and
-# the final report gathers everything.
+# the final report gathers everything. The tester runs the tests it writes
+# against the developer's code (its worker has --allow-commands), and its
+# report is saved in the workspace with them; the final report edits the one
+# the docs step began. Every file lives in the "demo" project's workspace.
+DEMO_PROJECT = "demo"
 DEMO_STEPS = [
     ("scope", "Define the scope", "researcher", [], [("research/scope.md", "write")]),
     ("users", "Interview notes on users", "researcher", ["scope"], [("research/users.md", "write")]),
@@ -49,6 +53,7 @@ class Command(BaseCommand):
         spec = workflow_specs.WorkflowSpec(
             name="Demo: prototype a note-taking app",
             goal="Research, design, build, test and document a small note-taking app.",
+            project=DEMO_PROJECT,
             steps=tuple(
                 workflow_specs.StepSpec(
                     key=key, name=name, role=role, description=f"{name} for the note-taking app prototype.",
@@ -59,4 +64,5 @@ class Command(BaseCommand):
             ),
         )
         workflow = workflow_creation.workflow_create(spec=spec)
-        self.stdout.write(f"Submitted demo workflow {workflow.name!r} ({workflow.id}) with {workflow.total_steps} steps.")
+        self.stdout.write(f"Submitted demo workflow {workflow.name!r} ({workflow.id}) with {workflow.total_steps} steps, "
+                          f"in project {DEMO_PROJECT!r}.")
