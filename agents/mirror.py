@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.client import ApiError, Client
+from agents.client import ApiError, Client, Unreachable
 
 try:
     import fcntl
@@ -221,6 +221,13 @@ class Mirror:
                 state[path] = self._entry(path, sha256_of(content))
         self._save_state(state)
 
+    def _refresh_quietly(self, path: str) -> None:
+        # The mirror was not touched by the refused write; if the re-read fails too, the next sync catches up.
+        try:
+            self._refresh([path])
+        except (ApiError, Unreachable) as exc:
+            logger.warning("mirror %s: could not re-read %s after a refused write: %s", self.project, path, exc)
+
     # --- writing through ----------------------------------------------------------------
 
     def write(self, path: str, content: bytes, *, fencing: int) -> dict[str, Any]:
@@ -230,7 +237,7 @@ class Mirror:
             try:
                 written = self.client.put_file(self.project, path, content, fencing=fencing)
             except ApiError:
-                self._refresh([path])
+                self._refresh_quietly(path)
                 raise
             self._place(path, content)
             self._record(path, written.get("sha256") or sha256_of(content))
@@ -241,7 +248,7 @@ class Mirror:
             try:
                 deleted = self.client.delete_file(self.project, path, fencing=fencing)
             except ApiError:
-                self._refresh([path])
+                self._refresh_quietly(path)
                 raise
             self._remove(path)
             self._record(path, None)
