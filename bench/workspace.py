@@ -31,7 +31,9 @@ FILE_BYTES = 4096
 NAMES_PER_CLIENT = 200
 
 
-def http_rate(url: str, agents: list[tuple[str, int]], seconds: float, operation: str) -> dict:
+def http_rate(url: str, agents: list[tuple[str, int]], seconds: float, operation: str,
+              written: list[int] | None = None) -> dict:
+    """Writes (cycling over NAMES_PER_CLIENT names), or reads of the names each client wrote (`written`)."""
     import threading
 
     import httpx
@@ -46,8 +48,9 @@ def http_rate(url: str, agents: list[tuple[str, int]], seconds: float, operation
         headers = {"Authorization": f"Bearer {token}", "X-AM-Fencing": str(fencing)}
         with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
             n = 0
+            names = NAMES_PER_CLIENT if written is None else max(1, min(written[index], NAMES_PER_CLIENT))
             while not stop.is_set():
-                path = f"/v1/projects/bench/files/agent{index}/file{n % NAMES_PER_CLIENT}.bin"
+                path = f"/v1/projects/bench/files/agent{index}/file{n % names}.bin"
                 started = time.perf_counter()
                 if operation == "write":
                     response = http.put(path, content=payload)
@@ -62,7 +65,7 @@ def http_rate(url: str, agents: list[tuple[str, int]], seconds: float, operation
                 done[index] += 1
 
     elapsed = run_clients(client, len(agents), seconds, f"workspace {operation}s")
-    return {"per_s": round(sum(done) / elapsed, 1), "count": sum(done),
+    return {"per_s": round(sum(done) / elapsed, 1), "count": sum(done), "per_client": done,
             "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p99_ms": round(percentile(latencies, 99) * 1000, 1)}
 
 
@@ -154,9 +157,11 @@ def main() -> None:
     results: dict = {}
     with server(args.server) as (base, _process):
         say("warming up")
-        http_rate(base, agents[:2], 1.0, "write")
+        warm = http_rate(base, agents, 1.0, "write")
+        results["http_write"] = http_rate(base, agents, args.seconds, "write")
+        written = [max(a, b) for a, b in zip(warm["per_client"], results["http_write"]["per_client"])]
+        results["http_read"] = http_rate(base, agents, args.seconds, "read", written=written)
         for operation in ("write", "read"):
-            results[f"http_{operation}"] = http_rate(base, agents, args.seconds, operation)
             say(f"HTTP {operation}s x{args.clients}: {results[f'http_{operation}']['per_s']}/s")
     with tempfile.TemporaryDirectory(dir=BASE_DIR / "var") as root:
         for operation in ("write", "read"):
