@@ -75,3 +75,26 @@ class Busy(ServiceError):
 
     code = "busy"
     status = 503
+
+
+class LockRequired(Conflict):
+    """A workspace write without a write lock of the writer covering the path (or with a read lock's number)."""
+
+    code = "lock_required"
+
+
+class StaleFencing(Conflict):
+    """A workspace write whose lock expired, was released or was granted to someone else since."""
+
+    code = "stale_fencing"
+
+
+class PreconditionFailed(ServiceError):
+    code = "precondition_failed"
+    status = 412
+
+
+class TooLarge(ServiceError):
+    code = "too_large"
+    status = 413
+

@@ -31,7 +31,15 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from coordination import rows
-from coordination.errors import Conflict, InvalidRequest, NotFound, ServiceError
+from coordination.errors import (  # the workspace's own errors are re-exported from here
+    Conflict,
+    InvalidRequest,
+    LockRequired,
+    NotFound,
+    PreconditionFailed,
+    StaleFencing,
+    TooLarge,
+)
 from coordination.models import Agent, Blob, FileVersion, LockMode, Project, StepStatus
 from coordination.paths import covering_paths, normalise_file_path, paths_overlap
 from coordination.services import event_log, lock_order
@@ -45,24 +53,6 @@ EVENT_MAX_CHANGES = 200
 COLLECT_BATCH = 500
 # A content nobody points to is kept this long (a write may be about to use it).
 COLLECT_GRACE = timedelta(hours=1)
-
-
-class LockRequired(Conflict):
-    code = "lock_required"
-
-
-class StaleFencing(Conflict):
-    code = "stale_fencing"
-
-
-class PreconditionFailed(ServiceError):
-    code = "precondition_failed"
-    status = 412
-
-
-class TooLarge(ServiceError):
-    code = "too_large"
-    status = 413
 
 
 @dataclass
