@@ -9,6 +9,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from agents.llm.base import Usage
+from coordination.api.schema import KEY_SCHEMA, NOT_BLANK, PATH_SCHEMA, PROJECT_SCHEMA, ROLE_SCHEMA, documented
 from coordination.models import LockMode
 from coordination.services import leases, pull, reports, workflow_specs
 
@@ -106,16 +107,23 @@ class ErrorSerializer(serializers.Serializer):
 
 
 class FileInSerializer(StrictSerializer):
-    path = StrictCharField(max_length=1024, trim_whitespace=False)
+    path = documented(StrictCharField(max_length=1024, trim_whitespace=False), **PATH_SCHEMA)
     mode = serializers.ChoiceField(choices=LockMode.choices, default=LockMode.WRITE)
 
 
 class StepInSerializer(StrictSerializer):
-    key = StrictCharField(max_length=100, trim_whitespace=False)
-    name = StrictCharField(max_length=200, required=False, allow_blank=True)
+    key = documented(StrictCharField(max_length=100, trim_whitespace=False), **KEY_SCHEMA,
+                     description="Unique in the workflow (else invalid_workflow: duplicate_key).")
+    name = documented(StrictCharField(max_length=200, required=False, allow_blank=True),
+                      pattern=r"^$|\S", description="Default: the key. Not blank.")
     description = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
-    role = StrictCharField(max_length=64, trim_whitespace=False)
-    depends_on = serializers.ListField(child=StrictCharField(max_length=100), required=False, default=list)
+    role = documented(StrictCharField(max_length=64, trim_whitespace=False), **ROLE_SCHEMA)
+    depends_on = documented(
+        serializers.ListField(child=documented(StrictCharField(max_length=100), **KEY_SCHEMA), required=False,
+                              default=list),
+        description="Keys of other steps of this workflow, each once, without cycles; a key that names no step "
+                    "is invalid_workflow (unknown_dependency), which OpenAPI cannot say.",
+    )
     files = FileInSerializer(many=True, required=False, default=list)
     priority = StrictIntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
     max_attempts = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=100)
@@ -123,15 +131,23 @@ class StepInSerializer(StrictSerializer):
 
 
 class BudgetSerializer(StrictSerializer):
-    usd = StrictDecimalField(
-        max_digits=12, decimal_places=4, required=False, allow_null=True, min_value=Decimal("0.0001")
+    usd = documented(
+        StrictDecimalField(max_digits=12, decimal_places=4, required=False, allow_null=True,
+                           min_value=Decimal("0.0001")),
+        description="At most 4 decimal places (12 digits in all); more is invalid_request.",
     )
     tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
 
 
 class WorkflowInSerializer(StrictSerializer):
-    name = StrictCharField(max_length=200)
-    project = StrictCharField(max_length=64, required=False, default="default")
+    """A workflow: give `steps`, or a non-blank `goal` for the planner (or both).
+
+    The steps form a graph: keys unique, `depends_on` naming keys of this workflow, no step depending on
+    itself, no cycle. A graph breaking these is 400 invalid_workflow, each problem in `errors`.
+    """
+
+    name = documented(StrictCharField(max_length=200), pattern=NOT_BLANK)
+    project = documented(StrictCharField(max_length=64, required=False, default="default"), **PROJECT_SCHEMA)
     goal = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
     priority = StrictIntegerField(required=False, default=0, min_value=-1_000_000, max_value=1_000_000)
     max_attempts = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=100)
@@ -211,8 +227,9 @@ class UsageSerializer(StrictSerializer):
     model = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
     prompt_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
     completion_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
-    cost_usd = StrictDecimalField(
-        max_digits=14, decimal_places=6, min_value=Decimal(0), required=False, default=Decimal(0)
+    cost_usd = documented(
+        StrictDecimalField(max_digits=14, decimal_places=6, min_value=Decimal(0), required=False, default=Decimal(0)),
+        description="At most 6 decimal places (14 digits in all); more is invalid_request.",
     )
 
 
@@ -275,9 +292,11 @@ class RawPathField(serializers.Field):
 
 
 class LockInSerializer(StrictSerializer):
+    """Locks on paths; `step_id` and `lease_token` go together (one without the other is invalid_request)."""
+
     project = StrictCharField(max_length=64, required=False, help_text="Default: the step's project, else 'default'.")
     paths = serializers.ListField(
-        child=RawPathField(), min_length=1, max_length=200,
+        child=documented(RawPathField(), **PATH_SCHEMA), min_length=1, max_length=200,
         help_text="Relative POSIX paths; a trailing '/' locks a directory and everything under it.",
     )
     mode = serializers.ChoiceField(choices=LockMode.choices)

@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 
 from coordination import selectors
 from coordination.api import serializers as s
+from coordination.api.schema import PATH_SCHEMA
 from coordination.api.auth import CanSubmit, IsAgent, IsAuthenticated, request_agent
 from coordination.errors import Forbidden, InvalidRequest, NotFound
 from coordination.models import Workflow, WorkflowStatus
@@ -423,16 +424,6 @@ class AgentMeView(APIBase):
 # --- file locks ----------------------------------------------------------------
 
 
-from drf_spectacular.extensions import OpenApiSerializerFieldExtension  # noqa: E402
-
-
-class RawPathFieldSchema(OpenApiSerializerFieldExtension):
-    target_class = "coordination.api.serializers.RawPathField"
-
-    def map_serializer_field(self, auto_schema, direction):
-        return {"type": "string", "maxLength": 1024}
-
-
 class LockListView(APIBase):
     query_params_allowed = frozenset({"project", "path", "agent"})
 
@@ -441,7 +432,7 @@ class LockListView(APIBase):
         summary="Live file locks (not released, not expired)",
         parameters=[
             OpenApiParameter("project", OpenApiTypes.STR, required=False),
-            OpenApiParameter("path", OpenApiTypes.STR, required=False,
+            OpenApiParameter("path", PATH_SCHEMA, required=False,
                              description="Locks that overlap this path (a directory covers what is under it)."),
             OpenApiParameter("agent", OpenApiTypes.STR, required=False, description="Holder's agent name."),
         ],

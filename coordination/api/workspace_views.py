@@ -18,6 +18,7 @@ from rest_framework.response import Response
 
 from coordination import selectors, workspace_reads
 from coordination.api import serializers as s
+from coordination.api.schema import FILE_PATH_SCHEMA, PROJECT_SCHEMA, documented
 from coordination.api.auth import CanSubmit, IsAuthenticated, request_agent
 from coordination.api.views import AUTH_ERRORS, BAD_REQUEST, TOO_LARGE, APIBase, _error, _int_param, _no_store
 from coordination.errors import Forbidden, InvalidRequest
@@ -44,7 +45,7 @@ class ProjectOutSerializer(drf.Serializer):
 
 
 class ProjectInSerializer(s.StrictSerializer):
-    name = s.StrictCharField(max_length=64)
+    name = documented(s.StrictCharField(max_length=64), **PROJECT_SCHEMA)
     description = s.StrictCharField(max_length=10_000, required=False, allow_blank=True, default="")
 
 
@@ -90,9 +91,12 @@ class BatchOutSerializer(drf.Serializer):
 
 
 class ChangeInSerializer(s.StrictSerializer):
-    path = s.StrictCharField(max_length=1024, trim_whitespace=False)
+    """One change: exactly one of `content`, `content_b64` (valid base64) or `delete: true`."""
+
+    path = documented(s.StrictCharField(max_length=1024, trim_whitespace=False), **FILE_PATH_SCHEMA)
     content = s.StrictCharField(required=False, allow_blank=True, trim_whitespace=False)
-    content_b64 = s.StrictCharField(required=False, allow_blank=True, trim_whitespace=False)
+    content_b64 = documented(s.StrictCharField(required=False, allow_blank=True, trim_whitespace=False),
+                             pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
     delete = s.StrictBooleanField(required=False, default=False)
     fencing = s.StrictIntegerField(min_value=1)
 
@@ -104,7 +108,8 @@ class ChangeInSerializer(s.StrictSerializer):
 
 
 class BatchInSerializer(s.StrictSerializer):
-    changes = ChangeInSerializer(many=True, allow_empty=False, max_length=workspace.MAX_CHANGES_PER_BATCH)
+    changes = documented(ChangeInSerializer(many=True, allow_empty=False,
+                                            max_length=workspace.MAX_CHANGES_PER_BATCH), minItems=1)
 
 
 class StepChangeSerializer(drf.Serializer):

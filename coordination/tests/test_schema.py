@@ -5,14 +5,8 @@ import os
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import (
-    content_type_conformance,
-    ignored_auth,
-    negative_data_rejection,
-    not_a_server_error,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from openapi_spec_validator import validate as validate_openapi
+from schemathesis.checks import CHECKS as REGISTRY, is_check_class, load_all_checks, negative_data_rejection, positive_data_acceptance
 
 from am_project.wsgi import application
 from coordination.services import agent_registry, workflow_creation
@@ -21,6 +15,38 @@ schema = schemathesis.openapi.from_wsgi("/v1/schema", application)
 # Archive uploads are bytes on the wire, like a file's body.
 for _archive_type in ("application/gzip", "application/x-tar", "application/zip"):
     schemathesis.serializer.alias(_archive_type, "application/octet-stream")
+
+# Every built-in check (what `st run --checks all` runs), taken before ours are registered.
+load_all_checks()
+BUILT_IN = [check for check in REGISTRY.get_all() if not is_check_class(check)]
+
+# What the server refuses on purpose though the schema cannot say it (OpenAPI 3.0 has no cross-field or
+# cross-item rules), each with its reason; every refusal is still described in the schema's text.
+# (operation, error code, words of the detail or errors)
+REFUSED_ON_PURPOSE = [
+    # A graph's rules: depends_on naming a key that is no step, a duplicate key, a self-dependency, a cycle.
+    ("POST /v1/workflows", "invalid_workflow", ""),
+    # Steps or a goal: one of two optional fields must be given.
+    ("POST /v1/workflows", "invalid_request", "Give either steps, or a goal"),
+    # step_id and lease_token go together (dependentRequired is OpenAPI 3.1).
+    ("POST /v1/locks", "invalid_request", "`step_id` and `lease_token` together"),
+    # Exactly one of content, content_b64 and delete: true.
+    ("POST /v1/projects/{project}/changes", "invalid_request", "exactly one of"),
+    # Money has a fixed number of decimal places; `multipleOf: 0.000001` would refuse valid floats such as 0.3
+    # in float-based validators, so the schema says it in the description instead.
+    (None, "invalid_request", "decimal places"),
+    (None, "invalid_request", "digits in total"),
+]
+
+
+def _refused_on_purpose(case, response) -> bool:
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    text = f"{body.get('detail', '')} {body.get('errors', '')}"
+    return any(operation in (None, case.operation.label) and body.get("error") == code and words in text
+               for operation, code, words in REFUSED_ON_PURPOSE)
 
 
 @schemathesis.check
@@ -31,14 +57,19 @@ def rejects_negative_data(ctx, response, case):
     return negative_data_rejection(ctx, response, case)
 
 
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    rejects_negative_data,
-    ignored_auth,
-]
+@schemathesis.check
+def accepts_positive_data(ctx, response, case):
+    """positive_data_acceptance, but for the refusals of REFUSED_ON_PURPOSE."""
+    if response.status_code == 400 and _refused_on_purpose(case, response):
+        return True
+    return positive_data_acceptance(ctx, response, case)
+
+
+_REPLACED = {negative_data_rejection: rejects_negative_data, positive_data_acceptance: accepts_positive_data}
+# Not yet on: positive_data_acceptance (accepts_positive_data) still finds schema-valid requests refused on
+# POST /v1/locks, POST /v1/projects/{project}/archive (415) and POST /v1/workflows: the schema is to say those
+# rules first (the open part of the schema issue); every other built-in check runs.
+CHECKS = [_REPLACED.get(check, check) for check in BUILT_IN if check is not positive_data_acceptance]
 
 
 @pytest.fixture
@@ -74,6 +105,20 @@ class SchemaTests:
         assert {"200", "204", "401", "403", "429"} <= set(pull)
         report = paths["/v1/report_result"]["post"]
         assert "409" in report["responses"] and "requestBody" in report
+
+    def test_the_schema_is_valid_openapi(self, client):
+        document = client.get("/v1/schema?format=json").json()
+        validate_openapi(document)
+
+    def test_strict_bodies_refuse_unknown_fields_and_every_operation_documents_413_and_503(self, client):
+        document = client.get("/v1/schema?format=json").json()
+        for name in ["LockRenewInRequest", "LeaseTokenInRequest", "HeartbeatInRequest", "ChangeInRequest"]:
+            assert document["components"]["schemas"][name]["additionalProperties"] is False, name
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                assert "503" in operation["responses"], (method, path)
+                if method in ("post", "put"):
+                    assert "413" in operation["responses"], (method, path)
 
     def test_the_docs_page_uses_no_cdn(self, client):
         page = client.get("/v1/docs").content.decode()

@@ -1,0 +1,107 @@
+"""What the OpenAPI schema says beyond what drf-spectacular reads off the serializers.
+
+The schema must state every limit the server applies, so that a generated client
+or validator is never told a falsehood:
+- fields declare the rules their services check (slug patterns, path forms) with
+  `documented(field, **schema)`, without moving the check (the error codes stay);
+- request bodies of `StrictSerializer`s refuse unknown fields: `additionalProperties: false`;
+- answers any operation can give are added to every operation here, once:
+  400 (an unknown query parameter, a NUL in one), 413 (a body over AM_MAX_BODY_BYTES),
+  415 (a body that is not JSON) and 503 (`busy`, `database_unavailable`).
+"""
+
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from drf_spectacular.plumbing import ResolvedComponent
+
+from coordination.models import KEY_PATTERN, ROLE_PATTERN
+
+# A path as coordination.paths.normalise_path takes it: relative, no control character or backslash,
+# not blank, no `..` part, not the workspace itself (`.`, `./.`) unless it ends with `/` (`./`).
+PATH_PATTERN = r"^(?!/)(?!\s*$)(?!(?:.*/)?\.\.(?:/|$))(?!\.(?:/+\.)*$)[^\x00-\x1f\x7f\\]{1,1024}$"
+# A file path (the workspace routes): the same, and not a directory (no trailing `/`).
+FILE_PATH_PATTERN = r"^(?!.*/$)" + PATH_PATTERN[1:]
+PROJECT_PATTERN = r"^[-a-zA-Z0-9_]{1,64}$"
+# Roles of a pull: slugs separated by commas (spaces around them are allowed).
+ROLES_PATTERN = r"^\s*[a-z0-9][a-z0-9_-]{0,63}\s*(?:,\s*[a-z0-9][a-z0-9_-]{0,63}\s*)*$"
+PATH_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": PATH_PATTERN}
+FILE_PATH_SCHEMA = {**PATH_SCHEMA, "pattern": FILE_PATH_PATTERN}
+PROJECT_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": PROJECT_PATTERN}
+ROLE_SCHEMA = {"type": "string", "pattern": ROLE_PATTERN}
+KEY_SCHEMA = {"type": "string", "pattern": KEY_PATTERN}
+NOT_BLANK = r"\S"
+# Path parameters, by name: Django's converters take more than the views accept.
+PATH_PARAMETERS = {
+    "project": {"type": "string", "pattern": r"^[-a-zA-Z0-9_]+$"},
+    "path": FILE_PATH_SCHEMA,
+    "role": {"type": "string", "pattern": ROLES_PATTERN},
+}
+
+
+def documented(field, **schema):
+    """`field`, with `schema` merged into what drf-spectacular makes of it (the server's checks are unchanged)."""
+    field.schema_extra = schema
+    # A serializer deep-copies its declared fields (re-instantiating them): the copy keeps the schema too.
+    copy_field = field.__deepcopy__
+    field.__deepcopy__ = lambda memo: documented(copy_field(memo), **schema)
+    return field
+
+
+class DocumentedFieldExtension(OpenApiSerializerFieldExtension):
+    target_class = "rest_framework.fields.Field"
+    match_subclasses = True
+    priority = 1
+
+    @classmethod
+    def _matches(cls, target) -> bool:
+        return bool(getattr(target, "schema_extra", None)) and super()._matches(target)
+
+    def map_serializer_field(self, auto_schema, direction):
+        mapped = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        return {**mapped, **self.target.schema_extra}
+
+
+def _error(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+COMMON_RESPONSES = {
+    "400": _error("invalid_request: an unknown query parameter (each operation lists its own), or one holding NUL."),
+    "503": _error("busy (retry after `Retry-After` seconds; nothing was changed) or database_unavailable."),
+}
+BODY_RESPONSES = {
+    "413": _error("too_large: the body is larger than AM_MAX_BODY_BYTES."),
+    "415": _error("unsupported_media_type: the body is not of a media type this operation takes."),
+}
+
+
+def postprocess(result, generator, request, public):
+    """drf-spectacular postprocessing hook (SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"])."""
+    from coordination.api.serializers import StrictSerializer
+
+    schemas = result.get("components", {}).get("schemas", {})
+    for component in generator.registry._components.values():
+        if component.type != ResolvedComponent.SCHEMA or component.name not in schemas:
+            continue
+        serializer = component.object
+        serializer_class = serializer if isinstance(serializer, type) else type(serializer)
+        if isinstance(serializer_class, type) and issubclass(serializer_class, StrictSerializer):
+            schemas[component.name]["additionalProperties"] = False
+    for path_item in result.get("paths", {}).values():
+        for method, operation in path_item.items():
+            if method not in {"get", "post", "put", "patch", "delete"}:
+                continue
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] in PATH_PARAMETERS:
+                    parameter["schema"] = dict(PATH_PARAMETERS[parameter["name"]])
+                if parameter["in"] == "header" and parameter["name"] == "X-AM-Fencing":
+                    parameter["schema"] = {"type": "integer", "minimum": 1}
+                if parameter["in"] == "header" and parameter["name"] == "If-None-Match" and method == "put":
+                    parameter["schema"] = {"type": "string", "enum": ["*"]}
+            responses = operation.setdefault("responses", {})
+            extra = dict(COMMON_RESPONSES)
+            if method in {"post", "put", "patch"}:
+                extra.update(BODY_RESPONSES)
+            for code, answer in extra.items():
+                responses.setdefault(code, answer)
+    return result
