@@ -352,6 +352,10 @@ class PullOutSerializer(serializers.Serializer):
     lease = LeaseOutSerializer()
 
 
+class BatchPullOutSerializer(serializers.Serializer):
+    leases = PullOutSerializer(many=True, help_text="The leased steps, best first, each with its own lease token.")
+
+
 def pull_payload(lease: pull.Lease) -> dict:
     step = lease.step
     workflow = step.workflow

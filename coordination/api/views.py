@@ -3,7 +3,7 @@
 from uuid import UUID
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, PolymorphicProxySerializer, extend_schema
 from rest_framework import status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
@@ -66,7 +66,7 @@ class APIBase(APIView):
 
 class PullView(APIBase):
     permission_classes = [IsAgent]
-    query_params_allowed = frozenset({"wait"})
+    query_params_allowed = frozenset({"wait", "max"})
 
     @extend_schema(
         operation_id="pull_step",
@@ -74,19 +74,30 @@ class PullView(APIBase):
         description=(
             "Atomically leases the oldest ready step of the highest priority among `role` (one role, or several "
             "separated by commas). `?wait=N` (at most 30) holds the request open until a step is ready or N "
-            "seconds pass. A request sent again with the same `Idempotency-Key` gets the same lease back."
+            "seconds pass. A request sent again with the same `Idempotency-Key` gets the same lease back.\n\n"
+            "`?max=N` (1 to 50) leases up to N steps at once, never more than the agent's free capacity, and answers "
+            "`{\"leases\": [...]}` (each with its own lease token), best first. Without `max` the answer is one "
+            "lease object."
         ),
         parameters=[
             OpenApiParameter("role", OpenApiTypes.STR, OpenApiParameter.PATH, description="Role, or roles separated by commas."),
             OpenApiParameter("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}, OpenApiParameter.QUERY,
                              required=False, description="Seconds to wait for a ready step, 0 to 30 (default 0)."),
+            OpenApiParameter("max", {"type": "integer", "minimum": 1, "maximum": pull.MAX_BATCH},
+                             OpenApiParameter.QUERY, required=False,
+                             description="Lease up to this many steps in one request (a batch pull); the answer is "
+                                         "then `{\"leases\": [...]}`."),
             OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
                              description="A key unique to this pull; a retried request with it gets the same lease."),
         ],
         responses={
-            200: s.PullOutSerializer,
+            200: PolymorphicProxySerializer(
+                component_name="PullAnswer", serializers=[s.PullOutSerializer, s.BatchPullOutSerializer],
+                resource_type_field_name=None,
+            ),
             204: OpenApiResponse(description="No step of these roles is ready."),
-            400: _error("A role is not a valid slug, or `wait` is not a number from 0 to 30."),
+            400: _error("A role is not a valid slug, `wait` is not a number from 0 to 30, or `max` is not a whole "
+                        "number from 1 to 50."),
             409: _error("The Idempotency-Key was used for a lease that has ended."),
             429: _error("at_capacity: the agent holds as many steps as its capacity."),
             **AUTH_ERRORS,
@@ -96,13 +107,16 @@ class PullView(APIBase):
         agent = request_agent(request)
         roles = pull.parse_pull_roles(role)
         wait = pull.parse_wait(request.query_params.get("wait"))
+        count = pull.parse_max(request.query_params.get("max"))
         key = request.headers.get("Idempotency-Key", "")
         if len(key) > 200:
             raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
-        lease = pull.pull_waiting(agent=agent, roles=roles, wait=wait, idempotency_key=key)
-        if lease is None:
+        leases = pull.batch_pull_waiting(agent=agent, roles=roles, count=count or 1, wait=wait, idempotency_key=key)
+        if not leases:
             return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
-        return _no_store(Response(s.PullOutSerializer(s.pull_payload(lease)).data))
+        if count is None:
+            return _no_store(Response(s.PullOutSerializer(s.pull_payload(leases[0])).data))
+        return _no_store(Response({"leases": [s.PullOutSerializer(s.pull_payload(lease)).data for lease in leases]}))
 
 
 class HeartbeatView(APIBase):

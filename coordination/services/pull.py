@@ -26,6 +26,8 @@ MAX_WAIT_S = 30
 # How many ready steps a pull may pass over because their files are locked.
 MAX_LOCK_BLOCKED_CANDIDATES = 25
 MAX_LISTED = 50
+# The most steps one batch pull (`?max=N`) may lease.
+MAX_BATCH = 50
 
 
 @dataclass
@@ -56,11 +58,13 @@ class PullMiss:
 
 
 # Plain SQL, one round trip on every pull: the capacity check and the claim. It runs after the agent's
-# row is locked, so its snapshot sees every lease the agent was granted before. The claim takes the best
-# ready step with `FOR UPDATE SKIP LOCKED` (concurrent pulls never get the same one, and never wait) and
-# brings what the lease answer needs: the workflow's and project's names and the dependencies' results.
-# One role (the usual pull) reads the ready-queue index in order and stops at the first unlocked row;
-# several roles merge their queues (a sort of their ready steps).
+# row is locked, so its snapshot sees every lease the agent was granted before (and the ones granted
+# earlier in this transaction, by a batch). The claim takes the best ready steps with `FOR UPDATE SKIP
+# LOCKED` (concurrent pulls never get the same one, and never wait), as many as asked for and never more
+# than the agent's free capacity (the LIMIT's subquery), and brings what the lease answer needs: the
+# workflow's and project's names and the dependencies' results. One role (the usual pull) reads the
+# ready-queue index in order and stops at the first unlocked rows; several roles merge their queues (a
+# sort of their ready steps). With nothing claimed it still answers one row: the steps held.
 _CLAIM_SQL = f"""
 SELECT held.n AS held, c.*
 FROM (SELECT count(*) AS n FROM coordination_step
@@ -79,7 +83,8 @@ LEFT JOIN LATERAL (
       AND w.status = 'running'
       AND NOT (s.id = ANY(%(passed_over)s::uuid[]))
     ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
-    LIMIT 1
+    LIMIT (SELECT greatest(least(%(count)s, %(capacity)s - count(*)), 0) FROM coordination_step
+           WHERE lease_agent_id = %(agent)s AND status = 'in_progress')
     FOR UPDATE OF s SKIP LOCKED
 ) AS c ON true
 """
@@ -151,66 +156,117 @@ def step_inputs(step: Step) -> dict[str, Any]:
     return inputs
 
 
-@lock_order.retrying
-def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> Lease | PullMiss:
-    """Lease the best ready step of `roles` to `agent`, atomically.
+def parse_max(raw: Any) -> int | None:
+    """How many steps a batch pull may lease, 1 to `MAX_BATCH`, or None (the single-step pull)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, str) and raw.isdigit())):
+        raise InvalidRequest(f"max={raw!r} is not a whole number: give how many steps to lease, 1 to {MAX_BATCH}.")
+    count = int(raw)
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidRequest(f"max={raw} is out of range: give how many steps to lease, 1 to {MAX_BATCH}.")
+    return count
 
-    1. A retried request (same `idempotency_key`) gets its open lease back.
-    2. The agent row is locked, so its capacity check and grant are one step.
-    3. The oldest ready step of the highest priority is claimed with
+
+def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> Lease | PullMiss:
+    """Lease the best ready step of `roles` to `agent`, atomically (see `steps_pull`)."""
+    result = steps_pull(agent=agent, roles=roles, count=1, idempotency_key=idempotency_key)
+    return result[0] if isinstance(result, list) else result
+
+
+@lock_order.retrying
+def steps_pull(*, agent: Agent, roles: list[str], count: int = 1, idempotency_key: str = "") -> list[Lease] | PullMiss:
+    """Lease up to `count` of the best ready steps of `roles` to `agent`, atomically, best first.
+
+    1. A retried request (same `idempotency_key`) gets its open leases back.
+    2. The agent row is locked, so its capacity check and grants are one step:
+       never more leases than its free capacity (`AtCapacity` when it has none).
+    3. The oldest ready steps of the highest priority are claimed with
        `FOR UPDATE SKIP LOCKED`: concurrent pulls never get the same step.
-    4. The step moves to `in_progress` under a new `Attempt`; counters and the
+       A step whose declared files are held by others is passed over (and
+       another claimed in its place, up to `MAX_LOCK_BLOCKED_CANDIDATES`).
+    4. Each step moves to `in_progress` under a new `Attempt`; counters and the
        event log follow in the same transaction.
     """
     agent_registry.check_roles(agent, roles)
     if idempotency_key:
-        previous = (
-            Attempt.objects.select_related("step__workflow__project")
-            .filter(agent=agent, idempotency_key=idempotency_key)
-            .order_by("-started_at")
-            .first()
-        )
+        previous = _leases_of_key(agent=agent, idempotency_key=idempotency_key)
         if previous is not None:
-            if previous.ended_at is None and previous.step.lease_attempt_id == previous.id:
-                return Lease(step=previous.step, attempt=previous, token=tokens.lease_token_for(previous.id),
-                             inputs=step_inputs(previous.step),
-                             locks=list(FileLock.objects.filter(step=previous.step, agent=agent,
-                                                                released_at__isnull=True).order_by("path")))
-            raise Conflict(
-                f"Idempotency-Key {idempotency_key!r} was used for step {previous.step.key!r}, whose lease has ended; "
-                "send a new key with every new pull.",
-            )
+            return previous[:count]
     lock_order.lock_agent(agent.id)
     now = timezone.now()
+    leases: list[Lease] = []
     passed_over: list[UUID] = []
     blocked_projects: set[UUID] = set()
     locked_projects: set[UUID] = set()
     with connection.cursor() as cursor:
-        for _ in range(MAX_LOCK_BLOCKED_CANDIDATES):
+        while len(leases) < count and len(passed_over) < MAX_LOCK_BLOCKED_CANDIDATES:
             cursor.execute(CLAIM_ONE_ROLE_SQL if len(roles) == 1 else CLAIM_ROLES_SQL, {
-                "agent": agent.id, "capacity": agent.capacity, "role": roles[0], "roles": roles, "now": now,
-                "passed_over": passed_over})
-            row = rows.fetch_named(cursor)
-            if row["held"] >= agent.capacity:
+                "agent": agent.id, "capacity": agent.capacity, "count": count - len(leases), "role": roles[0],
+                "roles": roles, "now": now, "passed_over": passed_over})
+            claimed = rows.fetch_all_named(cursor)
+            held = claimed[0]["held"]
+            if held >= agent.capacity and not leases:
                 raise AtCapacity(
-                    f"Agent {agent.name!r} holds {row['held']} step(s), its capacity; report or hand back one before "
+                    f"Agent {agent.name!r} holds {held} step(s), its capacity; report or hand back one before "
                     "pulling another.",
-                    held=row["held"],
+                    held=held,
                     capacity=agent.capacity,
                 )
-            step = _claimed_step(row)
-            if step is None:
-                break
-            if step.files and _declared_files_blocked(step=step, agent=agent, locked_projects=locked_projects):
-                # Lock-aware scheduling: hand out another step rather than one that would wait.
-                passed_over.append(step.id)
-                blocked_projects.add(step.workflow.project_id)
-                continue
-            return _grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now,
-                          dep_results=rows.json_value(row["dep_results"]))
+            passed_before = len(passed_over)
+            # Granted best first, ties by id: the event log's order and the answer's are one.
+            claimed_steps = sorted(((step, row) for row in claimed if (step := _claimed_step(row)) is not None),
+                                   key=lambda pair: _best_first(pair[0]))
+            for step, row in claimed_steps:
+                if step.files and _declared_files_blocked(step=step, agent=agent, locked_projects=locked_projects):
+                    # Lock-aware scheduling: hand out another step rather than one that would wait.
+                    passed_over.append(step.id)
+                    blocked_projects.add(step.workflow.project_id)
+                    continue
+                leases.append(_grant(step=step, agent=agent, idempotency_key=idempotency_key, now=now,
+                                     dep_results=rows.json_value(row["dep_results"])))
+            if len(passed_over) == passed_before:
+                break  # every claimed step was granted: fewer were ready than asked for, or the batch is full
+        if leases:
+            # Best first, ties by id: the order a retry with the same Idempotency-Key answers in.
+            return sorted(leases, key=lambda lease: _best_first(lease.step))
         cursor.execute(NEXT_AVAILABLE_SQL, {"roles": roles, "now": now})
         next_available_at = rows.fetch_named(cursor)["next_available_at"]
     return PullMiss(next_available_at=next_available_at, blocked_projects=blocked_projects)
+
+
+def _best_first(step: Step) -> tuple:
+    return -step.workflow_priority, -step.priority, step.available_at, step.id
+
+
+def _leases_of_key(*, agent: Agent, idempotency_key: str) -> list[Lease] | None:
+    """The open leases a pull with this `Idempotency-Key` was granted, best first; None for a new key.
+
+    A key whose leases have all ended is refused: reusing it for new work would hide a lost answer.
+    """
+    previous = list(
+        Attempt.objects.select_related("step__workflow__project")
+        .filter(agent=agent, idempotency_key=idempotency_key)
+        .order_by("started_at")
+    )
+    if not previous:
+        return None
+    still_open = [attempt for attempt in previous
+                  if attempt.ended_at is None and attempt.step.lease_attempt_id == attempt.id]
+    if not still_open:
+        keys = ", ".join(repr(attempt.step.key) for attempt in previous)
+        raise Conflict(
+            f"Idempotency-Key {idempotency_key!r} was used for step(s) {keys}, whose lease has ended; "
+            "send a new key with every new pull.",
+        )
+    still_open.sort(key=lambda attempt: (attempt.started_at, _best_first(attempt.step)))
+    return [
+        Lease(step=attempt.step, attempt=attempt, token=tokens.lease_token_for(attempt.id),
+              inputs=step_inputs(attempt.step),
+              locks=list(FileLock.objects.filter(step=attempt.step, agent=agent,
+                                                 released_at__isnull=True).order_by("path")))
+        for attempt in still_open
+    ]
 
 
 def _claimed_step(row: dict[str, Any]) -> Step | None:
@@ -289,7 +345,15 @@ def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime, dep
 
 def pull_waiting(*, agent: Agent, roles: list[str], wait: float, idempotency_key: str = "",
                  release_connection: Callable[[], None] | None = None) -> Lease | None:
-    """Pull, waiting up to `wait` seconds for a step to become ready (holding no database connection meanwhile).
+    """Pull, waiting up to `wait` seconds for a step to become ready (holding no database connection meanwhile)."""
+    leases = batch_pull_waiting(agent=agent, roles=roles, count=1, wait=wait, idempotency_key=idempotency_key,
+                                release_connection=release_connection)
+    return leases[0] if leases else None
+
+
+def batch_pull_waiting(*, agent: Agent, roles: list[str], count: int, wait: float, idempotency_key: str = "",
+                       release_connection: Callable[[], None] | None = None) -> list[Lease]:
+    """Lease up to `count` steps, waiting up to `wait` seconds for the first to become ready.
 
     The long-poll of the REST pull and of the MCP `pull_step` tool. It wakes when
     a step of these roles becomes ready (NOTIFY), when a backed-off step's time
@@ -299,12 +363,12 @@ def pull_waiting(*, agent: Agent, roles: list[str], wait: float, idempotency_key
     waiter = notify.listener.register(notify.STEP_READY, roles) if wait > 0 else None
     try:
         while True:
-            result = step_pull(agent=agent, roles=roles, idempotency_key=idempotency_key)
-            if isinstance(result, Lease):
+            result = steps_pull(agent=agent, roles=roles, count=count, idempotency_key=idempotency_key)
+            if isinstance(result, list):
                 return result
             remaining = deadline - time.monotonic()
             if waiter is None or remaining <= 0:
-                return None
+                return []
             timeout = remaining
             waiter.also(notify.LOCKS, result.blocked_projects)
             if result.next_available_at is not None:

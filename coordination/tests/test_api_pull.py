@@ -144,7 +144,7 @@ class PullTests:
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE coordination_step")
             sql = pull.CLAIM_ONE_ROLE_SQL if statement == "one role" else pull.CLAIM_ROLES_SQL
-            cursor.execute("EXPLAIN " + sql, {"agent": uuid.uuid4(), "capacity": 1, "role": "developer",
+            cursor.execute("EXPLAIN " + sql, {"agent": uuid.uuid4(), "capacity": 1, "count": 1, "role": "developer",
                                               "roles": ["developer", "tester"], "now": now, "passed_over": []})
             plan = "\n".join(row[0] for row in cursor.fetchall())
         # The one-role claim reads the ready queue in order; several roles may instead go through the running

@@ -62,6 +62,66 @@ class ConcurrentPullTests:
         assert workflow.status == "completed" and workflow.n_completed == 400
 
 
+class ConcurrentBatchPullTests:
+    def test_batch_and_single_pullers_never_share_a_step_and_the_counters_stay_exact(
+            self, live_am, make_agent, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(
+            spec=workflow_spec(*[step(f"s{i}") for i in range(300)], name="batched"))
+        batchers = [make_agent(f"batcher-{i}", ["developer"], capacity=4) for i in range(6)]
+        singles = [make_agent(f"single-{i}", ["developer"], capacity=1) for i in range(2)]
+        completed: Counter = Counter()
+        most_held: dict[str, int] = {}
+        errors: list[str] = []
+
+        def work(agent, batch: bool) -> None:
+            held: list[dict] = []
+            with httpx.Client(base_url=live_am, headers=_auth(agent.token), timeout=30) as client:
+                while True:
+                    free = agent.agent.capacity - len(held)
+                    if free:
+                        pulled = client.get("/v1/tasks/developer/ready", params={"max": free} if batch else None)
+                        if pulled.status_code == 200:
+                            body = pulled.json()
+                            held.extend(body["leases"] if batch else [body])
+                        elif pulled.status_code != 204:
+                            errors.append(f"pull {pulled.status_code} {pulled.text}")
+                            return
+                        elif not held:
+                            return
+                    most_held[agent.agent.name] = max(most_held.get(agent.agent.name, 0), len(held))
+                    lease = held.pop(0)  # report the oldest, as a worker finishing them one at a time
+                    reported = client.post("/v1/report_result", json={
+                        "step_id": lease["step"]["id"], "lease_token": lease["lease"]["token"],
+                        "status": "completed", "final_result": f"done by {agent.agent.name}",
+                    })
+                    if reported.status_code != 200:
+                        errors.append(f"report {reported.status_code} {reported.text}")
+                        return
+                    completed[lease["step"]["key"]] += 1
+
+        threads = [threading.Thread(target=work, args=(agent, True)) for agent in batchers]
+        threads += [threading.Thread(target=work, args=(agent, False)) for agent in singles]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors, errors[:5]
+        assert len(completed) == 300 and set(completed.values()) == {1}
+        # Checked from the attempt rows: one attempt per step, every one completed, no agent past its capacity.
+        attempts = Attempt.objects.filter(step__workflow=workflow)
+        assert attempts.count() == 300
+        assert attempts.values("step_id").distinct().count() == 300
+        assert set(attempts.values_list("outcome", flat=True)) == {AttemptOutcome.COMPLETED}
+        assert max(most_held[agent.agent.name] for agent in batchers) > 1  # batches really held several
+        assert all(most_held.get(agent.agent.name, 0) <= 1 for agent in singles)
+        # The workflow's counters, read as the status endpoint reads them, match the steps.
+        workflow.refresh_from_db()
+        assert workflow.status == "completed"
+        counts = Counter(Step.objects.filter(workflow=workflow).values_list("status", flat=True))
+        assert counts == Counter({"completed": 300})
+        assert (workflow.n_completed, workflow.n_ready, workflow.n_in_progress, workflow.n_pending) == (300, 0, 0, 0)
+
+
 class LongPollTests:
     def test_a_waiting_pull_wakes_when_a_step_becomes_ready_holding_no_connection(self, live_am, make_agent, step, workflow_spec):
         agent = make_agent("waiter", ["researcher"])
