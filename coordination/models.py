@@ -427,6 +427,22 @@ class Result(models.Model):
         return self.prompt_tokens + self.completion_tokens
 
 
+class AgentUsage(models.Model):
+    """What an agent's reports added up to, kept as each result is stored, so reading it costs the same
+    whatever the history (the agent list, `/v1/agents/me`, the dashboard)."""
+
+    agent = models.OneToOneField(Agent, primary_key=True, on_delete=models.CASCADE, related_name="usage")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=6, default=0)
+    steps_completed = models.BigIntegerField(default=0)
+    steps_failed = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"usage of {self.agent_id}"
+
+
 class AuditReport(models.Model):
     """The judgement of a finished workflow, as the original AgentManager design has it."""
 
@@ -491,6 +507,8 @@ class FileLock(models.Model):
             models.Index(fields=["project", "path"], name="lock_live_by_path", condition=Q(released_at__isnull=True)),
             models.Index(fields=["expires_at"], name="lock_live_expiry", condition=Q(released_at__isnull=True)),
             models.Index(fields=["step"], name="lock_live_by_step", condition=Q(released_at__isnull=True)),
+            # An agent's live locks (the agent list counts them).
+            models.Index(fields=["agent"], name="lock_live_by_agent", condition=Q(released_at__isnull=True)),
         ]
 
     def __str__(self) -> str:

@@ -74,26 +74,31 @@ def agent_list() -> QuerySet[Agent]:
 
 
 def agents_with_load() -> QuerySet[Agent]:
-    """Agents with `steps_held`, `locks_held` and `online` computed in one query."""
-    now = timezone.now()
-    cutoff = now - timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S)
-    from django.db.models import DecimalField, IntegerField, OuterRef, Subquery, Sum
+    """Agents with `steps_held`, `locks_held`, `online`, `tokens_used` and `cost_usd`, in one query.
+
+    Its cost does not grow with history: usage comes from the totals kept as results are stored
+    (`AgentUsage`), and what an agent holds is counted through partial indexes of live leases and locks.
+    """
+    from django.db.models import DecimalField, IntegerField, OuterRef, Subquery, Value
     from django.db.models.functions import Coalesce
 
-    from coordination.models import Result
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S)
 
-    def _usage(expression, output):
-        # A subquery per sum: joining results next to the counts below would multiply rows.
-        per_agent = (Result.objects.filter(attempt__agent=OuterRef("pk")).order_by().values("attempt__agent")
-                     .annotate(total=Sum(expression)).values("total"))
-        return Coalesce(Subquery(per_agent, output_field=output), 0, output_field=output)
+    def _count(queryset, by: str):
+        # A count per agent as a subquery: each reads only that agent's live rows, through a partial index.
+        counted = queryset.order_by().values(by).annotate(n=Count("id")).values("n")
+        return Coalesce(Subquery(counted, output_field=IntegerField()), 0)
 
+    held = Step.objects.filter(lease_agent=OuterRef("pk"), status=StepStatus.IN_PROGRESS)
+    locks = FileLock.objects.filter(agent=OuterRef("pk"), released_at__isnull=True, expires_at__gt=now)
     return Agent.objects.order_by("name").annotate(
-        steps_held=Count("leased_steps", filter=Q(leased_steps__status=StepStatus.IN_PROGRESS), distinct=True),
-        locks_held=Count("locks", filter=Q(locks__released_at__isnull=True, locks__expires_at__gt=now), distinct=True),
-        online_q=Count("id", filter=Q(last_seen_at__gte=cutoff, enabled=True)),
-        tokens_used=_usage(F("prompt_tokens") + F("completion_tokens"), IntegerField()),
-        cost_usd=_usage("cost_usd", DecimalField(max_digits=14, decimal_places=6)),
+        steps_held=_count(held, "lease_agent"),
+        locks_held=_count(locks, "agent"),
+        online_q=Q(last_seen_at__gte=cutoff, enabled=True),
+        tokens_used=Coalesce(F("usage__prompt_tokens") + F("usage__completion_tokens"), 0,
+                             output_field=IntegerField()),
+        cost_usd=Coalesce(F("usage__cost_usd"), Value(0), output_field=DecimalField(max_digits=20, decimal_places=6)),
     )
 
 

@@ -14,7 +14,9 @@ Every transaction that waits for more than one lock takes them in this order:
    holder and staff release single rows, a report releases its step's; the
    sweep takes expired ones by id, skipping those in use);
 5. the project row (its workspace version);
-6. workflow rows, by ascending id (the counters, the event sequence, the status).
+6. workflow rows, by ascending id (the counters, the event sequence, the status);
+7. the reporting agent's usage row (`AgentUsage`: its kept totals), by the
+   statement that stores a result, after everything else it changes.
 
 Nothing here is ever locked in the other direction, so two services can never
 wait on each other. Locks that never wait do not count: a pull claims its step

@@ -42,6 +42,23 @@ from coordination.services.workflow_counters import (
 
 logger = logging.getLogger(__name__)
 
+# A common table expression of both statements that store a `Result`: the reporting agent's kept usage totals
+# (`AgentUsage`). Unreferenced, it runs after the rest of its statement, so the usage row is the last lock
+# taken (see `lock_order`); a person's decision (no agent) adds nothing.
+USAGE_CTE = """
+usage AS (
+    INSERT INTO coordination_agentusage AS u (agent_id, prompt_tokens, completion_tokens, cost_usd, steps_completed,
+                                              steps_failed, updated_at)
+    SELECT %(agent)s::uuid, %(prompt_tokens)s, %(completion_tokens)s, %(usd)s, %(n_completed)s, 1 - %(n_completed)s,
+           %(now)s
+    WHERE %(agent)s::uuid IS NOT NULL
+    ON CONFLICT (agent_id) DO UPDATE
+    SET prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens,
+        cost_usd = u.cost_usd + EXCLUDED.cost_usd, steps_completed = u.steps_completed + EXCLUDED.steps_completed,
+        steps_failed = u.steps_failed + EXCLUDED.steps_failed, updated_at = EXCLUDED.updated_at
+)"""
+
 # Plain SQL, one statement for a whole completion, so the workflow row (every pull and report of the
 # workflow takes it) is held only from this statement to the commit: the attempt and the step, the
 # dependents it releases (with their NOTIFY), its locks, the workflow's counters, spend and event numbers,
@@ -107,7 +124,7 @@ WITH attempt AS (
            %(now)s
     FROM workflow w, settled
     RETURNING id
-)
+), {usage_cte}
 SELECT workflow.*, settled.status AS settled_status,
        (SELECT count(pg_notify('{ready_channel}', r)) FROM unnest(workflow.released_roles) AS r) AS notified,
        (SELECT coalesce(json_agg(json_build_object('project_id', project_id, 'agent_id', agent_id, 'path', path,
@@ -127,6 +144,7 @@ def _complete_sql(from_status: str) -> str:
         counter_columns=", ".join(f"w.{column}" for column in COUNTER_COLUMNS),
         settled_status=SETTLED_STATUS_SQL,
         ready_channel=notify.STEP_READY,
+        usage_cte=USAGE_CTE.strip(),
     )
 
 
@@ -142,7 +160,7 @@ WITH result AS (
             %(model)s, %(prompt_tokens)s, %(completion_tokens)s, %(cost_usd)s, %(execution_time_s)s,
             %(response)s::jsonb, %(now)s)
     RETURNING id
-)
+), """ + USAGE_CTE.strip() + """
 INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
 SELECT %(workflow)s, u.seq, u.kind, u.step_id, u.agent_id, u.data, %(now)s
 FROM unnest(%(seqs)s::bigint[], %(kinds)s::text[], %(step_ids)s::uuid[], %(agent_ids)s::uuid[], %(datas)s::jsonb[])
@@ -226,7 +244,7 @@ def _complete_in_db(*, step: Step, attempt: Attempt, outcome: Outcome, now: date
             "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
             "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "execution_time_s": outcome.execution_time_s,
+            "execution_time_s": outcome.execution_time_s, "n_completed": 1,
         })
         row = rows.fetch_named(cursor)
     snapshot = WorkflowSnapshot.from_row(step.workflow_id, row, events=1 + bool(row["n_released"]))
@@ -321,7 +339,8 @@ def _insert_events_and_result(events: list[Event], *, step: Step, attempt: Attem
             "id": uuid4(), "attempt": attempt.id, "step": step.id, "status": outcome.status,
             "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs), "error": outcome.error,
             "retryable": outcome.retryable, "model": usage.model, "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd,
+            "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd, "usd": usage.cost_usd,
+            "agent": attempt.agent_id, "n_completed": 0,
             "execution_time_s": outcome.execution_time_s, "response": json.dumps(response), "now": now,
             "workflow": step.workflow_id, "seqs": [event.seq for event in events],
             "kinds": [event.kind for event in events], "step_ids": [event.step_id for event in events],

@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from coordination.services import pull, reports, workflow_control, workflow_creation
-from coordination.models import Attempt, AttemptOutcome, Result, Step, Workflow
+from coordination.models import AgentUsage, Attempt, AttemptOutcome, Result, Step, Workflow
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -120,6 +120,10 @@ class ConcurrentBatchPullTests:
         counts = Counter(Step.objects.filter(workflow=workflow).values_list("status", flat=True))
         assert counts == Counter({"completed": 300})
         assert (workflow.n_completed, workflow.n_ready, workflow.n_in_progress, workflow.n_pending) == (300, 0, 0, 0)
+        # Each agent's kept usage counts exactly the results it reported.
+        kept = dict(AgentUsage.objects.values_list("agent__name", "steps_completed"))
+        reported = Counter(attempts.values_list("agent__name", flat=True))
+        assert kept == dict(reported)
 
 
 class LongPollTests:

@@ -21,3 +21,87 @@ class UsageTests:
         agents = {a["name"]: a for a in owner_client.get("/v1/agents").json()}
         assert agents["dev-1"]["tokens_used"] == 120 and agents["dev-2"]["tokens_used"] == 10
         assert agents["dev-1"]["cost_usd"] == 0.5
+
+
+class KeptAgentUsageTests:
+    """An agent's usage is kept as results are stored: reading it never sums the results table."""
+
+    def test_failed_and_retried_reports_count_too_and_the_totals_match_the_results(self, make_agent, owner_client,
+                                                                                   step, workflow_spec):
+        from django.db.models import Sum
+
+        from coordination.models import AgentUsage, Result
+
+        agent = make_agent("worker", ["developer"], capacity=3)
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C")))
+        cases = [("completed", {}), ("failed", {"error": "boom", "retryable": True}),
+                 ("failed", {"error": "bad", "retryable": False})]
+        for index, (status, extra) in enumerate(cases):
+            step_id, token = pull(agent)
+            response = report(agent, step_id, token, status=status, **extra,
+                              usage={"model": "m", "prompt_tokens": 10 * (index + 1), "completion_tokens": index,
+                                     "cost_usd": 0.25})
+            assert response.status_code == 200, response.content
+        usage = AgentUsage.objects.get(agent=agent.agent)
+        sums = Result.objects.filter(attempt__agent=agent.agent).aggregate(
+            p=Sum("prompt_tokens"), c=Sum("completion_tokens"), usd=Sum("cost_usd"))
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd) == (sums["p"], sums["c"], sums["usd"])
+        assert (usage.steps_completed, usage.steps_failed) == (1, 2)
+        me = agent.client().get("/v1/agents/me").json()
+        assert me["tokens_used"] == 60 + 3 and me["cost_usd"] == 0.75
+
+    def test_an_agent_with_no_results_reads_zero(self, make_agent):
+        agent = make_agent("fresh", ["developer"])
+        me = agent.client().get("/v1/agents/me").json()
+        assert (me["tokens_used"], me["cost_usd"], me["steps_held"], me["locks_held"]) == (0, 0, 0, 0)
+
+    def test_reading_usage_costs_the_same_queries_and_plan_with_a_large_history(self, make_agent, step,
+                                                                                  workflow_spec,
+                                                                                  django_assert_num_queries):
+        from django.db import connection
+
+        from coordination import selectors
+
+        agent = make_agent("veteran", ["developer"], capacity=2)
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        step_id, token = pull(agent)
+        report(agent, step_id, token, usage={"model": "m", "prompt_tokens": 5, "completion_tokens": 5,
+                                             "cost_usd": 0.01})
+
+        def read_me() -> dict:
+            return agent.client().get("/v1/agents/me").json()
+
+        with django_assert_num_queries(2):  # the token's agent, then the agent with its load and usage
+            small = read_me()
+        # 20,000 more results of this agent, written straight to the tables (as years of history would be).
+        with connection.cursor() as cursor:
+            cursor.execute("""
+                WITH s AS (
+                    INSERT INTO coordination_step (id, workflow_id, key, name, description, role, status, priority,
+                        workflow_priority, attempt, max_attempts, lease_ttl_s, remaining_deps, files, extra_inputs,
+                        final_result, outputs, error, available_at, lease_token_hash, attempts_released,
+                        created_at, updated_at)
+                    SELECT gen_random_uuid(), w.id, 'h' || g, 'x', '', 'developer', 'completed', 0, 0, 1, 3, 120, 0,
+                           '[]', '{}', 'ok', '{}', '', now(), '', 0, now(), now()
+                    FROM generate_series(1, 20000) g, (SELECT id FROM coordination_workflow LIMIT 1) w
+                    RETURNING id
+                ), a AS (
+                    INSERT INTO coordination_attempt (id, step_id, agent_id, number, lease_token_hash,
+                                                      idempotency_key, started_at, expires_at, ended_at, outcome)
+                    SELECT gen_random_uuid(), s.id, %s, 1, '', '', now(), now(), now(), 'completed' FROM s
+                    RETURNING id, step_id
+                )
+                INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error,
+                    retryable, model, prompt_tokens, completion_tokens, cost_usd, response, created_at)
+                SELECT gen_random_uuid(), a.id, a.step_id, 'completed', 'ok', '{}', '', false, 'm', 1, 1, 0, '{}',
+                       now() FROM a
+            """, [agent.agent.id])
+            cursor.execute("ANALYZE coordination_result; ANALYZE coordination_step; ANALYZE coordination_attempt")
+        with django_assert_num_queries(2):
+            large = read_me()
+        assert large["tokens_used"] == small["tokens_used"]  # kept totals: rows written around the service don't count
+        queryset = selectors.agents_with_load().filter(id=agent.agent.id)
+        plan = queryset.explain()
+        assert "coordination_result" not in plan and "coordination_attempt" not in plan, plan
+        assert "Seq Scan on coordination_step" not in plan, plan
+        assert "step_leased_by" in plan and "lock_live_by_agent" in plan, plan
