@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	@$(PY) bench/goals.py
 	@$(PY) bench/dispatch.py
 	@$(PY) bench/scaling.py
 	@$(PY) bench/history.py

@@ -7,6 +7,14 @@ One listener thread per process holds a dedicated connection that `LISTEN`s on
 every channel and sets the `threading.Event` of each waiter for that channel
 and key. Waiting requests hold no database connection and no transaction.
 
+A step-ready notification says how many steps of the role became ready
+(`"developer:3"`), and wakes that many of the role's waiters, longest waiting
+first, not all of them: with 32 agents long-polling one role, one released step
+costs one pull, not 32 (which, on a busy server, is what dispatch latency was
+made of). A woken pull that does not take a step of that role passes the wake
+on to the next waiter (`pass_on`), so a step is never left with nobody woken
+for it. Lock notifications wake every waiter of the project.
+
 If the listener cannot connect (PostgreSQL restarting), waiters fall back to a
 re-check every `FALLBACK_RECHECK_S`, so none is stuck past its deadline.
 """
@@ -16,13 +24,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from django.db import connection
 
 logger = logging.getLogger(__name__)
 
-STEP_READY = "am_step_ready"  # payload: a role
+STEP_READY = "am_step_ready"  # payload: "<role>:<how many steps became ready>" (or a bare role: wake all)
 LOCKS = "am_locks"  # payload: a project id
 CHANNELS = (STEP_READY, LOCKS)
 FALLBACK_RECHECK_S = 2.0
@@ -37,8 +46,15 @@ def _notify(channel: str, keys: Iterable[str]) -> None:
 
 
 def notify_ready(roles: Iterable[str]) -> None:
-    """Tell long-polling pulls of these roles, when the current transaction commits."""
-    _notify(STEP_READY, roles)
+    """Tell long-polling pulls of these roles, when the current transaction commits: one role per step
+    that became ready (repeated for several), so as many waiters are woken as there are steps."""
+    counts = Counter(roles)
+    _notify(STEP_READY, (f"{role}:{count}" for role, count in counts.items()))
+
+
+def notify_ready_counts(counts: dict[str, int]) -> None:
+    """`notify_ready` with the number of ready steps per role already counted."""
+    _notify(STEP_READY, (f"{role}:{count}" for role, count in counts.items() if count > 0))
 
 
 def notify_locks(project_ids: Iterable[object]) -> None:
@@ -47,11 +63,13 @@ def notify_locks(project_ids: Iterable[object]) -> None:
 
 
 class Waiter:
-    __slots__ = ("pairs", "event")
+    __slots__ = ("pairs", "event", "woken_by")
 
     def __init__(self, channel: str, keys: frozenset[str]) -> None:
         self.pairs = {(channel, key) for key in keys}
         self.event = threading.Event()
+        # The step-ready roles whose wakes this waiter was handed (consumed by taking such a step, or passed on).
+        self.woken_by: list[str] = []
 
     def also(self, channel: str, keys: Iterable[object]) -> None:
         """Wake on these (channel, key) notifications too."""
@@ -66,11 +84,18 @@ class Waiter:
         self.event.clear()
         return woken
 
+    def take_wakes(self) -> list[str]:
+        """The step-ready roles this waiter was woken for since the last call."""
+        with listener._lock:
+            roles, self.woken_by = self.woken_by, []
+        return roles
+
 
 class Listener:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: set[Waiter] = set()
+        # Insertion-ordered: the longest waiting are woken first.
+        self._waiters: dict[Waiter, None] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.connected = threading.Event()
@@ -127,22 +152,46 @@ class Listener:
                 delay = min(delay * 2, 10.0)
 
     def _wake(self, channel: str | None, key: str | None) -> None:
+        if channel == STEP_READY and key and ":" in key:
+            role, _, count = key.rpartition(":")
+            self.wake_some(role, int(count) if count.isdigit() else len(self._waiters))
+            return
         with self._lock:
             for waiter in self._waiters:
                 if channel is None or (channel, key) in waiter.pairs:
                     waiter.event.set()
+
+    def wake_some(self, role: str, count: int, *, besides: Waiter | None = None) -> None:
+        """Wake up to `count` waiters of `role` not woken already, longest waiting first."""
+        pair = (STEP_READY, role)
+        with self._lock:
+            for waiter in self._waiters:
+                if count <= 0:
+                    break
+                if waiter is not besides and pair in waiter.pairs and not waiter.event.is_set():
+                    waiter.woken_by.append(role)
+                    waiter.event.set()
+                    count -= 1
+
+    def pass_on(self, waiter: Waiter, roles: Iterable[str]) -> None:
+        """Hand wakes a waiter did not use (it took no step of that role) to other waiters of the role."""
+        for role in roles:
+            self.wake_some(role, 1, besides=waiter)
 
     def register(self, channel: str, keys: Iterable[object]) -> Waiter:
         """Register before checking, so a notification between the check and the wait is not lost."""
         self._ensure_started()
         waiter = Waiter(channel, frozenset(str(key) for key in keys))
         with self._lock:
-            self._waiters.add(waiter)
+            self._waiters[waiter] = None
         return waiter
 
     def unregister(self, waiter: Waiter) -> None:
         with self._lock:
-            self._waiters.discard(waiter)
+            self._waiters.pop(waiter, None)
+        unused = waiter.take_wakes()
+        if unused:
+            self.pass_on(waiter, unused)
 
 
 listener = Listener()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -364,8 +365,12 @@ def batch_pull_waiting(*, agent: Agent, roles: list[str], count: int, wait: floa
     try:
         while True:
             result = steps_pull(agent=agent, roles=roles, count=count, idempotency_key=idempotency_key)
+            if waiter is not None and isinstance(result, list):
+                _pass_on_unused_wakes(waiter, result)
             if isinstance(result, list):
                 return result
+            if waiter is not None:
+                waiter.take_wakes()  # nothing was ready: there is no step to hand the wake on for
             remaining = deadline - time.monotonic()
             if waiter is None or remaining <= 0:
                 return []
@@ -378,6 +383,20 @@ def batch_pull_waiting(*, agent: Agent, roles: list[str], count: int, wait: floa
     finally:
         if waiter is not None:
             notify.listener.unregister(waiter)
+
+
+def _pass_on_unused_wakes(waiter: notify.Waiter, leases: list[Lease]) -> None:
+    """A pull woken for a role that took no step of it (it took one of its other roles): wake another
+    waiter of that role in its place, so the step released for it is not left waiting for a timeout."""
+    taken = Counter(lease.step.role for lease in leases)
+    unused = []
+    for role in waiter.take_wakes():
+        if taken[role] > 0:
+            taken[role] -= 1
+        else:
+            unused.append(role)
+    if unused:
+        notify.listener.pass_on(waiter, unused)
 
 
 def release_idle_connection() -> None:

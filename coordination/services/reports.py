@@ -83,8 +83,11 @@ WITH attempt AS (
     WHERE e.depends_on_id = %(step)s AND s.id = e.step_id AND s.status = 'pending'
     RETURNING s.key, s.status, s.role
 ), ready AS (
-    SELECT coalesce(array_agg(key ORDER BY key), '{{}}') AS released_keys,
-           coalesce(array_agg(DISTINCT role), '{{}}') AS released_roles, count(*) AS n_released
+    SELECT coalesce(array_agg(key ORDER BY key), '{{}}') AS released_keys, count(*) AS n_released,
+           -- The step-ready notifications' payloads: each role with how many of its steps became ready.
+           coalesce((SELECT array_agg(role || ':' || n) FROM (SELECT role, count(*) AS n FROM released
+                                                               WHERE status = 'ready' GROUP BY role) AS per_role),
+                    '{{}}') AS released_roles
     FROM released WHERE status = 'ready'
 ), locks AS (
     UPDATE coordination_filelock l

@@ -8,6 +8,7 @@ from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
+from django.db.models import Count
 from django.utils import timezone
 
 from coordination import notify, rows
@@ -122,9 +123,10 @@ def workflow_resume(*, workflow_id: UUID, user: AbstractBaseUser | None = None, 
     workflow.status = WorkflowStatus.RUNNING
     workflow.paused_reason = ""
     workflow.save(update_fields=["status", "paused_reason", "updated_at"])
-    notify.notify_ready(
-        Step.objects.filter(workflow=workflow, status=StepStatus.READY).values_list("role", flat=True).distinct()
-    )
+    notify.notify_ready_counts(dict(
+        Step.objects.filter(workflow=workflow, status=StepStatus.READY).order_by().values("role")
+        .annotate(n=Count("id")).values_list("role", "n")
+    ))
     event_log.event_record(kind="workflow.resumed", workflow_id=workflow.id, agent_id=agent.id if agent else None,
                            data=actor(user, agent))
     return workflow

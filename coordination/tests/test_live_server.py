@@ -156,6 +156,38 @@ class LongPollTests:
         assert outcome["body"]["step"]["key"] == "R"
         assert outcome["elapsed"] < 15, "woken by the notification, well before the 20 s deadline"
 
+    def test_steps_released_to_many_waiting_agents_each_reach_one_of_them(self, live_am, make_agent, step,
+                                                                           workflow_spec):
+        builder = make_agent("builder", ["builder"])
+        reviewers = [make_agent(f"reviewer-{i}", ["reviewer"]) for i in range(8)]
+        workflow_creation.workflow_create(spec=workflow_spec(
+            step("A", role="builder"), *(step(f"R{i}", "A", role="reviewer") for i in range(3))))
+        outcomes: list[tuple[int, float, str]] = []
+
+        def wait_for_step(agent) -> None:
+            started = time.monotonic()
+            response = httpx.get(f"{live_am}/v1/tasks/reviewer/ready?wait=6", headers=_auth(agent.token), timeout=30)
+            key = response.json()["step"]["key"] if response.status_code == 200 else ""
+            outcomes.append((response.status_code, time.monotonic() - started, key))
+
+        threads = [threading.Thread(target=wait_for_step, args=(agent,)) for agent in reviewers]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        lease = pull.step_pull(agent=builder.agent, roles=["builder"])
+        reports.step_report(step_id=lease.step.id, agent=builder.agent, lease_token=lease.token,
+                            outcome=reports.Outcome(status="completed"))
+        for thread in threads:
+            thread.join(timeout=30)
+        got = sorted(outcome for outcome in outcomes if outcome[0] == 200)
+        # The three released steps went to three waiting agents at once, woken by the report's notification ...
+        assert sorted(key for _status, _elapsed, key in got) == ["R0", "R1", "R2"]
+        assert all(elapsed < 5 for _status, elapsed, _key in got), got
+        # ... and the five others waited out their deadline: nothing was handed to them.
+        rest = [outcome for outcome in outcomes if outcome[0] != 200]
+        assert [status for status, _elapsed, _key in rest] == [204] * 5
+        assert all(elapsed >= 5.5 for _status, elapsed, _key in rest), rest
+
     def test_a_waiting_pull_times_out_with_204(self, live_am, make_agent):
         agent = make_agent("patient", ["analyst"])
         started = time.monotonic()
