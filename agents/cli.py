@@ -1,4 +1,4 @@
-"""`python -m agents`: run a worker against an AgentManager server.
+"""`am-worker` (or `python -m agents`): run a worker against an AgentManager server.
 
 Settings come from the command line, then environment variables, then an
 optional TOML file (`--config`), then defaults.
@@ -35,7 +35,7 @@ class ConfigError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agents", description="Run an AgentManager worker.")
+    p = argparse.ArgumentParser(prog="am-worker", description="Run an AgentManager worker.")
     p.add_argument("--server", help="AgentManager URL, e.g. http://127.0.0.1:8000 [AM_SERVER]")
     p.add_argument("--token", help="the agent's bearer token [AM_TOKEN]")
     p.add_argument("--roles", help="comma-separated roles to pull (default: all of the agent's) [AM_ROLES]")

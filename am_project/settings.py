@@ -60,7 +60,6 @@ INSTALLED_APPS = [
     "channels",
     "coordination",
     "dashboard",
-    "agents",
 ]
 
 MIDDLEWARE = [
