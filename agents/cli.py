@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from agents import telemetry
 from agents.llm import make_llm
 from agents.runtime import Worker, WorkerConfig
 
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     try:
         config, llm_name, llm_options = resolve(args, dict(os.environ if environ is None else environ))
         llm = make_llm(llm_name, **(llm_options if llm_name == "openai" else {}))
+        telemetry.setup(os.environ if environ is None else environ)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

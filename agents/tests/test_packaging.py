@@ -20,7 +20,7 @@ SERVER_MODULES = ("django", "coordination", "am_project", "dashboard", "rest_fra
 # Run in the fresh environment: everything a worker loads, then what got loaded with it.
 IMPORT_CHECK = """
 import sys
-import agents, agents.cli, agents.runtime, agents.llm.openai_provider, agents.llm.scripted
+import agents, agents.cli, agents.runtime, agents.llm.openai_provider, agents.llm.scripted, agents.telemetry
 print(agents.__file__)
 print(",".join(sorted({name.split(".")[0] for name in sys.modules})))
 """
