@@ -1,4 +1,4 @@
-"""`python -m agents`: run a worker against an AgentManager server.
+"""`am-worker` (or `python -m agents`): run a worker against an AgentManager server.
 
 Settings come from the command line, then environment variables, then an
 optional TOML file (`--config`), then defaults.
@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from agents import telemetry
 from agents.llm import make_llm
 from agents.runtime import Worker, WorkerConfig
 
@@ -35,7 +36,7 @@ class ConfigError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agents", description="Run an AgentManager worker.")
+    p = argparse.ArgumentParser(prog="am-worker", description="Run an AgentManager worker.")
     p.add_argument("--server", help="AgentManager URL, e.g. http://127.0.0.1:8000 [AM_SERVER]")
     p.add_argument("--token", help="the agent's bearer token [AM_TOKEN]")
     p.add_argument("--roles", help="comma-separated roles to pull (default: all of the agent's) [AM_ROLES]")
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     try:
         config, llm_name, llm_options = resolve(args, dict(os.environ if environ is None else environ))
         llm = make_llm(llm_name, **(llm_options if llm_name == "openai" else {}))
+        telemetry.setup(os.environ if environ is None else environ)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

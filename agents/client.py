@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 import httpx
 
+from agents import telemetry
+
 logger = logging.getLogger("agents.client")
 
 
@@ -75,6 +77,7 @@ class Client:
         or until `abort` is set."""
         delay = 0.5
         started = time.monotonic()
+        headers = telemetry.inject(headers)  # the current step's trace context, when tracing
         while True:
             try:
                 response = self._http.request(method, path, json=json, content=content, params=params, headers=headers,

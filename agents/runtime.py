@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents import telemetry
 from agents.client import ApiError, Client, Pulled, Unreachable
 from agents.llm.base import LLM, Usage
 from agents.react import Outcome, Stopped, run_loop
@@ -154,6 +155,10 @@ class Worker:
     # --- one step --------------------------------------------------------------
 
     def execute(self, pulled: Pulled) -> None:
+        with telemetry.step_span(pulled):
+            self._execute(pulled)
+
+    def _execute(self, pulled: Pulled) -> None:
         run = StepRun(pulled)
         step = pulled.step
         logger.info("▶ %s  attempt %s", run.label, step.get("attempt", 1))
@@ -192,6 +197,7 @@ class Worker:
         elapsed = time.monotonic() - run.started
         if run.lost.is_set():
             logger.warning("✘ %s  lease lost after %.1f s: dropping the work (another agent will do it)", run.label, elapsed)
+            telemetry.step_outcome("lease_lost")
             return
         if run.cancelled.is_set():
             self._hand_back(run, "the server asked to stop (workflow cancelled or paused)")
@@ -272,6 +278,7 @@ class Worker:
             "error": outcome.error or None,
             "retryable": outcome.retryable,
         }
+        telemetry.step_outcome(outcome.status, outcome.error)
         try:
             # Kept until delivered: the server may be restarting. A worker told to stop
             # for good spools it to disk and delivers it when it starts again.
@@ -324,6 +331,7 @@ class Worker:
             path.unlink()
 
     def _hand_back(self, run: StepRun, why: str) -> None:
+        telemetry.step_outcome("handed_back")
         try:
             self.client.release(run.pulled.step_id, run.pulled.token)
             logger.info("↩ %s  handed back: %s", run.label, why)

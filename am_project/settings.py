@@ -60,10 +60,11 @@ INSTALLED_APPS = [
     "channels",
     "coordination",
     "dashboard",
-    "agents",
 ]
 
 MIDDLEWARE = [
+    # Leaves itself out unless OpenTelemetry traces are on (OTEL_EXPORTER_OTLP_ENDPOINT; am_project/telemetry.py).
+    "coordination.middleware.tracing",
     "coordination.middleware.server_timing",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",

@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import openai
 
+from agents import telemetry
 from agents.llm.base import LLMError, Usage, parse_json_object
 
 logger = logging.getLogger("agents.llm")
@@ -32,6 +33,7 @@ class OpenAIProvider:
         # The SDK retries connection errors, 408, 409, 429 and 5xx with backoff.
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=timeout,
                                     max_retries=max_retries)
+        self.base_url = str(self.client.base_url)  # as its spans name the server
 
     def _usage(self, response) -> Usage:
         usage = getattr(response, "usage", None)
@@ -53,16 +55,21 @@ class OpenAIProvider:
         problem = ""
         for _ in range(1 + self.repair_attempts):
             try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=conversation, temperature=self.temperature,
-                    **({"response_format": {"type": "json_object"}} if self.json_mode else {}),
-                )
+                with telemetry.llm_call(provider=self.name, model=self.model, purpose=purpose,
+                                        base_url=self.base_url, temperature=self.temperature) as span:
+                    response = self.client.chat.completions.create(
+                        model=self.model, messages=conversation, temperature=self.temperature,
+                        **({"response_format": {"type": "json_object"}} if self.json_mode else {}),
+                    )
+                    usage = self._usage(response)
+                    telemetry.llm_result(span, response=response, input_tokens=usage.prompt_tokens,
+                                         output_tokens=usage.completion_tokens, cost_usd=float(usage.cost_usd))
             except openai.APIStatusError as exc:
                 retryable = exc.status_code >= 500 or exc.status_code in (408, 409, 429)
                 raise LLMError(f"The LLM endpoint answered {exc.status_code}: {exc.message}", retryable=retryable) from exc
             except openai.APIConnectionError as exc:
                 raise LLMError(f"The LLM endpoint could not be reached: {exc}", retryable=True) from exc
-            total.add(self._usage(response))
+            total.add(usage)
             text = response.choices[0].message.content if response.choices else ""
             try:
                 value = parse_json_object(text or "")

@@ -9,6 +9,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from agents.llm.base import Usage
+from coordination import tracing
 from coordination.api.schema import KEY_SCHEMA, NOT_BLANK, PATH_SCHEMA, PROJECT_SCHEMA, ROLE_SCHEMA, documented
 from coordination.models import LockMode
 from coordination.services import leases, pull, reports, workflow_specs
@@ -327,6 +328,11 @@ class LeaseOutSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField()
     ttl_s = serializers.IntegerField()
     locks = LeaseLockSerializer(many=True, help_text="The locks granted with the lease for the step's declared files.")
+    traceparent = serializers.CharField(
+        allow_null=True,
+        help_text="W3C trace context of this attempt's span (`00-<trace id>-<span id>-01`; the trace id is the "
+                  "workflow's), when the server exports OpenTelemetry traces; null otherwise. A worker that "
+                  "traces makes its spans for the step children of it.")
 
 
 class PulledStepSerializer(serializers.Serializer):
@@ -373,7 +379,9 @@ def pull_payload(lease: pull.Lease) -> dict:
         "workflow": {"id": workflow.id, "name": workflow.name, "project": workflow.project.name},
         "lease": {"token": lease.token, "expires_at": lease.expires_at, "ttl_s": step.lease_ttl_s,
                   "locks": [{"id": lock.id, "path": lock.path, "mode": lock.mode, "fencing": lock.fencing,
-                             "expires_at": lock.expires_at} for lock in lease.locks]},
+                             "expires_at": lock.expires_at} for lock in lease.locks],
+                  "traceparent": tracing.attempt_traceparent(workflow_id=step.workflow_id,
+                                                             attempt_id=lease.attempt.id)},
     }
 
 

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from coordination import notify, rows
+from coordination import notify, rows, tracing
 from coordination.errors import Forbidden, StaleLease
 from coordination.models import Agent, Attempt, AttemptOutcome, Step, StepStatus, WorkflowStatus
 from coordination.services import event_log, file_locks, lock_order, tokens
@@ -178,6 +178,7 @@ def step_release(*, step_id: UUID, agent: Agent, lease_token: str) -> dict[str, 
     if not lease_live(step, now):
         raise StaleLease(f"The lease on step {step.key!r} has already ended.", step_status=step.status)
     end_attempt(attempt, AttemptOutcome.RELEASED, now)
+    tracing.attempt_ended(step=step, attempt=attempt, agent_name=agent.name)
     new_status, _, _ = requeue_or_fail(step=step, now=now, charge=False, error="")
     file_locks.lock_release_for_step(step=step, reason="released")
     snapshot = workflow_move(step.workflow_id, {StepStatus.IN_PROGRESS: -1, new_status: +1})
@@ -203,6 +204,7 @@ def lease_expire(*, step_id: UUID) -> str | None:
     agent = Agent.objects.filter(id=step.lease_agent_id).first() if step.lease_agent_id else None
     if attempt is not None:
         end_attempt(attempt, AttemptOutcome.EXPIRED, now)
+        tracing.attempt_ended(step=step, attempt=attempt, agent_name=agent.name if agent else None)
     paused = step.workflow.status == WorkflowStatus.PAUSED
     new_status, skipped, delay = requeue_or_fail(
         step=step, now=now, charge=not paused,

@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from agents.llm.base import Usage  # one definition for workers and server
-from coordination import notify, rows
+from coordination import notify, rows, tracing
 from coordination.errors import InvalidState, StaleLease
 from coordination.events import event_published
 from coordination.models import STEP_COUNTER_FIELDS, Agent, Attempt, AttemptOutcome, Event, Result, Step, StepStatus, WorkflowStatus
@@ -325,6 +325,7 @@ def finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime
         response = {"step_id": str(step.id), "status": step.status, "workflow_status": answer_status,
                     "released": []}
         _insert_events_and_result(events, step=step, attempt=attempt, outcome=outcome, response=response, now=now)
+    tracing.attempt_ended(step=step, attempt=attempt, agent_name=actor.get("agent"), error=outcome.error)
     # What the workflow became is in the answer already; these writes make it so, after the step's own events.
     settle_workflow(snapshot)
     if pause_reason:

@@ -11,7 +11,7 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
-from coordination import notify, rows
+from coordination import notify, rows, tracing
 from coordination.errors import InvalidRequest, InvalidState, NotFound
 from coordination.models import (
     TERMINAL_WORKFLOW_STATUSES,
@@ -82,6 +82,7 @@ def workflow_cancel(*, workflow_id: UUID, user: AbstractBaseUser | None = None, 
     moves: dict[str, int] = {StepStatus.CANCELLED: len(cancelled)}
     for row in cancelled:
         add(moves, row["old_status"], -1)
+    tracing.attempts_cancelled(step_ids=step_ids, ended_at=now)
     Attempt.objects.filter(step_id__in=step_ids, ended_at__isnull=True).update(
         ended_at=now, outcome=AttemptOutcome.CANCELLED)
     file_locks.lock_release_for_steps(step_ids=step_ids, reason="cancelled")
@@ -89,6 +90,7 @@ def workflow_cancel(*, workflow_id: UUID, user: AbstractBaseUser | None = None, 
     if snapshot.status in TERMINAL_WORKFLOW_STATUSES or snapshot.live_steps():
         raise RetryTransaction(f"workflow {workflow_id} changed while its steps were being cancelled")
     Workflow.objects.filter(id=workflow_id).update(status=WorkflowStatus.CANCELLED, finished_at=now, paused_reason="")
+    tracing.workflow_settled(workflow_id=workflow_id)
     event_log.event_record_many([new_event(snapshot.seqs(), "workflow.cancelled", workflow_id=workflow_id,
                                            agent_id=agent.id if agent else None,
                                            data={"cancelled_steps": len(cancelled), **actor(user, agent)})])

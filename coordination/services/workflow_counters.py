@@ -18,7 +18,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
 from django.utils import timezone
 
-from coordination import rows
+from coordination import rows, tracing
 from coordination.errors import NotFound
 from coordination.models import STEP_COUNTER_FIELDS, Agent, AuditStatus, Event, Step, StepStatus, Workflow, WorkflowStatus
 from coordination.services import background, event_log
@@ -192,6 +192,7 @@ def settle_workflow(snapshot: WorkflowSnapshot) -> str:
     )
     event_log.event_record(kind=f"workflow.{new_status}", workflow_id=snapshot.id,
                            data={"status": new_status, "counts": counts, **({"reason": reason} if reason else {})})
+    tracing.workflow_settled(workflow_id=snapshot.id)
     if audit:
         background.enqueue_after_commit("coordination.tasks.audit_workflow", snapshot.id)
     return new_status

@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand
 
 
 class Command(BaseCommand):
-    help = "Run a worker from the server's checkout; takes the same options as `python -m agents`."
+    help = "Run a worker from the server's checkout; takes the same options as `am-worker`."
 
     def run_from_argv(self, argv):
         from agents.cli import main
