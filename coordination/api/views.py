@@ -487,7 +487,8 @@ class LockListView(APIBase):
             step_id=data.get("step_id"), lease_token=data.get("lease_token"), ttl_s=data.get("ttl_s"),
             wait_s=data["wait_s"], release_connection=pull.release_idle_connection,
         )
-        locks = selectors.locks_by_id([lock.id for lock in locks])
+        # The granted locks come back with their project and holder: no second read.
+        locks = sorted(locks, key=lambda lock: lock.path)
         return _no_store(Response(s.LockListSerializer({"locks": locks}).data, status=status.HTTP_201_CREATED))
 
 

@@ -40,20 +40,45 @@ SWEEP_BATCH = 1000
 DB_NOW_SQL = "SELECT clock_timestamp() AS now"
 
 # Plain SQL: an indexed overlap search (exact paths and LIKE prefixes) joined with the holder's name.
+# Plain SQL, one round trip for a lock decision's two questions: the live locks near the paths (held), and
+# the requests queued ahead in the project (queued: earlier waiters, oldest first).
 LIVE_LOCKS_NEAR_SQL = """
-SELECT l.path, l.mode, l.agent_id, a.name AS agent_name, l.step_id, l.expires_at
+SELECT false AS queued, ARRAY[l.path] AS paths, l.mode, l.agent_id, a.name AS agent_name, l.step_id, l.expires_at,
+       l.path AS sort_path, l.acquired_at AS sort_at, 0::bigint AS sort_id
 FROM coordination_filelock l LEFT JOIN coordination_agent a ON a.id = l.agent_id
 WHERE l.project_id = %(project)s AND l.released_at IS NULL AND l.expires_at > %(now)s
   AND (l.path = ANY(%(exact)s::text[]) OR l.path LIKE ANY(%(prefixes)s::text[]))
-ORDER BY l.path, l.acquired_at
+UNION ALL
+SELECT true, w.paths, w.mode, w.agent_id, a.name, w.step_id, w.expires_at, '', w.created_at, w.id
+FROM coordination_lockwaiter w LEFT JOIN coordination_agent a ON a.id = w.agent_id
+WHERE w.project_id = %(project)s AND w.expires_at > %(now)s AND (%(waiter)s::bigint IS NULL OR w.id < %(waiter)s)
+ORDER BY queued, sort_path, sort_id, sort_at
 """
 
-# Plain SQL: bump every path's fencing counter (creating it at 1) in one upsert, read back by path.
-NEXT_FENCING_SQL = """
-INSERT INTO coordination_lockfence (project_id, path, last)
-SELECT %(project)s, p, 1 FROM unnest(%(paths)s::text[]) AS p
-ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
-RETURNING path, last
+# Plain SQL, one round trip for a grant: bump every path's fencing counter (creating it at 1) in one upsert
+# and insert the locks with those numbers.
+GRANT_SQL = """
+WITH fence AS (
+    INSERT INTO coordination_lockfence (project_id, path, last)
+    SELECT %(project)s, p, 1 FROM unnest(%(paths)s::text[]) AS p
+    ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
+    RETURNING path, last
+)
+INSERT INTO coordination_filelock (id, project_id, path, mode, agent_id, step_id, fencing, acquired_at, expires_at,
+                                   released_at, release_reason)
+SELECT g.id, %(project)s, g.path, %(mode)s, %(agent)s, %(step)s, fence.last, %(now)s, %(expires)s, NULL, ''
+FROM unnest(%(ids)s::uuid[], %(paths)s::text[]) AS g(id, path) JOIN fence ON fence.path = g.path
+RETURNING path, fencing
+"""
+
+# Plain SQL: release one lock (its row locked by the caller) and wake the project's lock waiters.
+RELEASE_ONE_SQL = """
+WITH released AS (
+    UPDATE coordination_filelock SET released_at = LEAST(clock_timestamp(), expires_at), release_reason = %(reason)s
+    WHERE id = %(lock)s
+    RETURNING project_id, released_at
+)
+SELECT released_at, pg_notify('{channel}', project_id::text) AS notified FROM released
 """
 
 # Plain SQL: release a set of steps' locks and learn their workflows in one UPDATE ... RETURNING.
@@ -171,26 +196,18 @@ def lock_blockers(
     exact, prefixes = _overlap_candidates(paths)
     blockers: list[LockBlocker] = []
     with connection.cursor() as cursor:
-        cursor.execute(LIVE_LOCKS_NEAR_SQL, {"project": project_id, "now": now, "exact": exact, "prefixes": prefixes})
-        held = rows.fetch_all_named(cursor)
-    for lock in held:
-        if lock["agent_id"] == agent_id and lock["step_id"] == step_id:
+        cursor.execute(LIVE_LOCKS_NEAR_SQL, {"project": project_id, "now": now, "exact": exact, "prefixes": prefixes,
+                                             "waiter": waiter_id})
+        near = rows.fetch_all_named(cursor)
+    for row in near:
+        if row["agent_id"] == agent_id and row["step_id"] == step_id:
             continue
-        if _modes_conflict(mode, lock["mode"]) and any(paths_overlap(lock["path"], mine) for mine in paths):
-            blockers.append(LockBlocker(lock["path"], lock["mode"], lock["agent_name"], lock["step_id"],
-                                        lock["expires_at"]))
-    waiters = LockWaiter.objects.filter(project_id=project_id, expires_at__gt=now).select_related("agent")
-    if waiter_id is not None:
-        waiters = waiters.filter(id__lt=waiter_id)
-    for waiter in waiters.order_by("id"):
-        if waiter.agent_id == agent_id and waiter.step_id == step_id:
+        if not _modes_conflict(mode, row["mode"]):
             continue
-        if not _modes_conflict(mode, waiter.mode):
-            continue
-        for path in waiter.paths:
+        for path in row["paths"]:
             if any(paths_overlap(path, mine) for mine in paths):
-                blockers.append(LockBlocker(path, waiter.mode, waiter.agent.name if waiter.agent else None,
-                                            waiter.step_id, waiter.expires_at, queued=True))
+                blockers.append(LockBlocker(path, row["mode"], row["agent_name"], row["step_id"], row["expires_at"],
+                                            queued=row["queued"]))
                 break
     return blockers
 
@@ -200,15 +217,20 @@ def grant_locks(
     expires_at: datetime, now: datetime,
 ) -> list[FileLock]:
     """Insert the grants with fencing numbers larger than any before them for their paths (project lock held)."""
-    with connection.cursor() as cursor:
-        cursor.execute(NEXT_FENCING_SQL, {"project": project_id, "paths": paths})
-        fencing = {row["path"]: row["last"] for row in rows.fetch_all_named(cursor)}
     locks = [
-        FileLock(project_id=project_id, path=path, mode=mode, agent=agent, step=step, fencing=fencing[path],
-                 acquired_at=now, expires_at=expires_at)
+        FileLock(project_id=project_id, path=path, mode=mode, agent=agent, step=step, acquired_at=now,
+                 expires_at=expires_at)
         for path in paths
     ]
-    FileLock.objects.bulk_create(locks)
+    with connection.cursor() as cursor:
+        cursor.execute(GRANT_SQL, {
+            "project": project_id, "paths": paths, "ids": [lock.id for lock in locks], "mode": mode,
+            "agent": agent.id if agent else None, "step": step.id if step else None, "now": now,
+            "expires": expires_at})
+        fencing = {row["path"]: row["fencing"] for row in rows.fetch_all_named(cursor)}
+    for lock in locks:
+        lock.fencing = fencing[lock.path]
+        lock._state.adding = False
     return locks
 
 
@@ -264,6 +286,8 @@ def _locks_try(
     expires_at = step.lease_expires_at if step is not None else now + timedelta(seconds=ttl_s)
     locks = grant_locks(project_id=project.id, paths=paths, mode=mode, agent=agent, step=step,
                         expires_at=expires_at, now=now)
+    for lock in locks:
+        lock.project = project
     event_log.event_record(kind="locks.granted", workflow_id=step.workflow_id if step else None,
                            step_id=step.id if step else None, agent_id=agent.id,
                            data={"project": project.name, "agent": agent.name, **lock_event_data(locks)})
@@ -351,11 +375,10 @@ def lock_release(*, lock_id: UUID, agent: Agent | None = None, user: AbstractBas
         raise Forbidden("Only the lock's holder, or staff, may release it.")
     if lock.released_at is not None:
         return lock
-    now = db_now()
-    lock.released_at = min(now, lock.expires_at)
     lock.release_reason = (reason if agent is not None else "forced")[:32]
-    lock.save(update_fields=["released_at", "release_reason"])
-    notify.notify_locks([lock.project_id])
+    with connection.cursor() as cursor:
+        cursor.execute(RELEASE_ONE_SQL.format(channel=notify.LOCKS), {"lock": lock.id, "reason": lock.release_reason})
+        lock.released_at = rows.fetch_named(cursor)["released_at"]
     event_log.event_record(kind="locks.released", workflow_id=lock.step.workflow_id if lock.step else None,
                            step_id=lock.step_id, agent_id=lock.agent_id,
                            data={"project": lock.project.name, "reason": lock.release_reason, **actor(user, agent),
