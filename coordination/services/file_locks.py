@@ -41,18 +41,25 @@ DB_NOW_SQL = "SELECT clock_timestamp() AS now"
 
 # Plain SQL: an indexed overlap search (exact paths and LIKE prefixes) joined with the holder's name.
 # Plain SQL, one round trip for a lock decision's two questions: the live locks near the paths (held), and
-# the requests queued ahead in the project (queued: earlier waiters, oldest first).
+# the requests queued ahead in the project (queued: earlier waiters, oldest first). It also answers the clock
+# read after its snapshot was taken (`checked_at`, on every row, one row when nothing is near): a grant made on
+# this answer is dated then, so a release it saw committed is always dated before it.
 LIVE_LOCKS_NEAR_SQL = """
-SELECT false AS queued, ARRAY[l.path] AS paths, l.mode, l.agent_id, a.name AS agent_name, l.step_id, l.expires_at,
-       l.path AS sort_path, l.acquired_at AS sort_at, 0::bigint AS sort_id
-FROM coordination_filelock l LEFT JOIN coordination_agent a ON a.id = l.agent_id
-WHERE l.project_id = %(project)s AND l.released_at IS NULL AND l.expires_at > %(now)s
-  AND (l.path = ANY(%(exact)s::text[]) OR l.path LIKE ANY(%(prefixes)s::text[]))
-UNION ALL
-SELECT true, w.paths, w.mode, w.agent_id, a.name, w.step_id, w.expires_at, '', w.created_at, w.id
-FROM coordination_lockwaiter w LEFT JOIN coordination_agent a ON a.id = w.agent_id
-WHERE w.project_id = %(project)s AND w.expires_at > %(now)s AND (%(waiter)s::bigint IS NULL OR w.id < %(waiter)s)
-ORDER BY queued, sort_path, sort_id, sort_at
+WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now)
+SELECT clock.now AS checked_at, near.*
+FROM clock LEFT JOIN LATERAL (
+    SELECT false AS queued, ARRAY[l.path] AS paths, l.mode, l.agent_id, a.name AS agent_name, l.step_id,
+           l.expires_at, l.path AS sort_path, l.acquired_at AS sort_at, 0::bigint AS sort_id
+    FROM coordination_filelock l LEFT JOIN coordination_agent a ON a.id = l.agent_id
+    WHERE l.project_id = %(project)s AND l.released_at IS NULL AND l.expires_at > clock.now
+      AND (l.path = ANY(%(exact)s::text[]) OR l.path LIKE ANY(%(prefixes)s::text[]))
+    UNION ALL
+    SELECT true, w.paths, w.mode, w.agent_id, a.name, w.step_id, w.expires_at, '', w.created_at, w.id
+    FROM coordination_lockwaiter w LEFT JOIN coordination_agent a ON a.id = w.agent_id
+    WHERE w.project_id = %(project)s AND w.expires_at > clock.now
+      AND (%(waiter)s::bigint IS NULL OR w.id < %(waiter)s)
+) AS near ON true
+ORDER BY near.queued, near.sort_path, near.sort_id, near.sort_at
 """
 
 # Plain SQL, one round trip for a grant: bump every path's fencing counter (creating it at 1) in one upsert
@@ -185,9 +192,18 @@ def _modes_conflict(a: str, b: str) -> bool:
 
 def lock_blockers(
     *, project_id: UUID, paths: list[str], mode: str, agent_id: UUID | None, step_id: UUID | None,
-    now: datetime, waiter_id: int | None,
+    waiter_id: int | None,
 ) -> list[LockBlocker]:
-    """Live locks, and requests queued ahead, that stop `paths` being granted in `mode` to this holder.
+    """Live locks, and requests queued ahead, that stop `paths` being granted in `mode` to this holder."""
+    return lock_check(project_id=project_id, paths=paths, mode=mode, agent_id=agent_id, step_id=step_id,
+                      waiter_id=waiter_id)[0]
+
+
+def lock_check(
+    *, project_id: UUID, paths: list[str], mode: str, agent_id: UUID | None, step_id: UUID | None,
+    waiter_id: int | None,
+) -> tuple[list[LockBlocker], datetime]:
+    """The blockers of `paths` in `mode` for this holder, and the database clock read after they were looked at.
 
     The caller holds the project's lock. A holder is (agent, step): an agent's
     locks never block each other, except across its different steps, which may
@@ -196,10 +212,12 @@ def lock_blockers(
     exact, prefixes = _overlap_candidates(paths)
     blockers: list[LockBlocker] = []
     with connection.cursor() as cursor:
-        cursor.execute(LIVE_LOCKS_NEAR_SQL, {"project": project_id, "now": now, "exact": exact, "prefixes": prefixes,
+        cursor.execute(LIVE_LOCKS_NEAR_SQL, {"project": project_id, "exact": exact, "prefixes": prefixes,
                                              "waiter": waiter_id})
         near = rows.fetch_all_named(cursor)
     for row in near:
+        if row["queued"] is None:
+            continue  # nothing near: the row only carries the clock
         if row["agent_id"] == agent_id and row["step_id"] == step_id:
             continue
         if not _modes_conflict(mode, row["mode"]):
@@ -209,7 +227,7 @@ def lock_blockers(
                 blockers.append(LockBlocker(path, row["mode"], row["agent_name"], row["step_id"], row["expires_at"],
                                             queued=row["queued"]))
                 break
-    return blockers
+    return blockers, near[0]["checked_at"]
 
 
 def grant_locks(
@@ -275,12 +293,18 @@ def _locks_try(
             )
     else:
         name = project_name or "default"
-        project = project_get_or_create(name=name) if name == "default" else Project.objects.filter(name=name).first()
-        if project is None:
-            raise NotFound(f"Project {project_name!r} does not exist: check the name (workflows create projects).")
-    now = lock_order.lock_project(project.id)
-    blockers = lock_blockers(project_id=project.id, paths=paths, mode=mode, agent_id=agent.id,
-                             step_id=step.id if step else None, now=now, waiter_id=waiter_id)
+        found = lock_order.lock_project_named(name)  # the usual case: the project and its lock, one round trip
+        if found is None:
+            project = project_get_or_create(name=name) if name == "default" else None
+            if project is None:
+                raise NotFound(f"Project {project_name!r} does not exist: check the name (workflows create projects).")
+            found = project, lock_order.lock_project(project.id)
+        project = found[0]
+    if step is not None:
+        lock_order.lock_project(project.id)
+    # Dated by the check itself: a release it saw committed is dated before the grant.
+    blockers, now = lock_check(project_id=project.id, paths=paths, mode=mode, agent_id=agent.id,
+                               step_id=step.id if step else None, waiter_id=waiter_id)
     if blockers:
         return LockAttempt(granted=None, blockers=blockers, project_id=project.id)
     expires_at = step.lease_expires_at if step is not None else now + timedelta(seconds=ttl_s)

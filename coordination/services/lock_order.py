@@ -36,6 +36,7 @@ import functools
 import logging
 import random
 import time
+from datetime import datetime
 from enum import Enum
 from typing import Any, Callable, TypeVar
 from uuid import UUID
@@ -44,7 +45,7 @@ from django.db import OperationalError, connection, transaction
 
 from coordination import rows
 from coordination.errors import Busy, NotFound
-from coordination.models import Attempt, FileLock, Step, Workflow
+from coordination.models import Attempt, FileLock, Project, Step, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,26 @@ def advisory_key(project_id: UUID) -> int:
 # Plain SQL: advisory locks have no ORM form; the database clock is read after the lock is held.
 LOCK_PROJECT_SQL = "SELECT pg_advisory_xact_lock(%(key)s) AS locked, clock_timestamp() AS now"
 TRY_LOCK_PROJECT_SQL = "SELECT pg_try_advisory_xact_lock(%(key)s) AS locked, clock_timestamp() AS now"
+
+
+# Plain SQL: a project found by name and its advisory lock taken in one round trip (the key is `advisory_key`
+# in SQL: the id's first 64 bits as a signed bigint); the clock is read after the lock, left to right.
+LOCK_PROJECT_BY_NAME_SQL = f"""
+SELECT {rows.select_list(Project, "p")},
+       pg_advisory_xact_lock(('x' || substr(replace(p.id::text, '-', ''), 1, 16))::bit(64)::bigint) AS locked,
+       clock_timestamp() AS now
+FROM coordination_project p WHERE p.name = %(name)s
+"""
+
+
+def lock_project_named(name: str) -> tuple[Project, datetime] | None:
+    """The project called `name` with its lock held (as `lock_project`) and the clock after it; None if none."""
+    with connection.cursor() as cursor:
+        cursor.execute(LOCK_PROJECT_BY_NAME_SQL, {"name": name})
+        row = rows.fetch_named(cursor)
+    if row is None:
+        return None
+    return rows.from_named(Project, row, "p"), row["now"]
 
 
 def lock_project(project_id: UUID):

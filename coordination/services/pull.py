@@ -289,15 +289,14 @@ def _declared_files_blocked(*, step: Step, agent: Agent, locked_projects: set[UU
     """
     project_id = step.workflow.project_id
     if locked_projects and project_id not in locked_projects:
-        now = lock_order.try_lock_project(project_id)
-        if now is None:
+        if lock_order.try_lock_project(project_id) is None:
             return True
     else:
-        now = lock_order.lock_project(project_id)
+        lock_order.lock_project(project_id)
     locked_projects.add(project_id)
     return any(
         file_locks.lock_blockers(project_id=project_id, paths=paths, mode=mode, agent_id=agent.id, step_id=step.id,
-                                 now=now, waiter_id=None)
+                                 waiter_id=None)
         for mode, paths in file_locks.declared_files_by_mode(step).items()
     )
 

@@ -1,6 +1,7 @@
 """The /v1/locks API: acquire, list, renew, release, and its refusals."""
 
 import pytest
+from django.db import connection
 
 from coordination.errors import Forbidden
 from coordination.models import FileLock
@@ -66,3 +67,25 @@ class LockApiTests:
 
     def test_it_refuses_locks_to_people(self, owner_client):
         assert owner_client.post("/v1/locks", {"paths": ["a"], "mode": "write"}, format="json").status_code == 403
+
+
+class ProjectLockKeyTests:
+    def test_the_sql_key_of_a_project_found_by_name_is_the_one_every_other_path_locks(self):
+        """A grant that finds its project by name locks the same advisory key as one that starts from its id."""
+        from coordination.models import Project
+        from coordination.services import lock_order
+
+        for name in ("keyed-a", "keyed-b", "keyed-c", "keyed-d"):
+            project = Project.objects.create(name=name)
+            from django.db import transaction
+
+            key = lock_order.advisory_key(project.id) % (1 << 64)
+            with transaction.atomic():
+                found, _now = lock_order.lock_project_named(name)
+                assert found.id == project.id
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                                   "AND pid = pg_backend_pid() AND classid::bigint = %s AND objid::bigint = %s",
+                                   [key >> 32, key & 0xFFFFFFFF])
+                    assert cursor.fetchone()[0] == 1
+        assert lock_order.lock_project_named("no-such-project") is None
