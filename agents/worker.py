@@ -284,13 +284,25 @@ class Step:
         return self.mirror.root
 
     def read(self, path: str) -> str:
+        """A file's text as the server holds it now (so a read under a lock sees the latest write)."""
         return self.read_bytes(path).decode("utf-8")
 
     def read_bytes(self, path: str) -> bytes:
+        """A file's bytes as the server holds it now, refreshed into the mirror; FileNotFoundError when
+        the project has no such file."""
         relative = _relative(path)
         mirror = self.mirror
         with mirror.guard():
-            return (mirror.root / relative).read_bytes()  # FileNotFoundError when the project has no such file
+            mirror.refresh([relative])
+            return (mirror.root / relative).read_bytes()
+
+    def exists(self, path: str) -> bool:
+        """Whether the project's workspace has this file now."""
+        try:
+            self.read_bytes(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def lock(self, *paths: str, mode: str = "write", wait_s: float | None = None) -> Locks:
         """Lock `paths` (a path ending in `/`: a directory) under the step's lease, all or none,
