@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -22,6 +22,12 @@ logger = logging.getLogger("agents.client")
 
 # The most steps one pull may ask for (api-v1.md: `?max=N`, 1 to 50).
 MAX_BATCH = 50
+
+
+class Flag(Protocol):
+    """What `abort` may be: a `threading.Event`, or anything else that can say whether it is set."""
+
+    def is_set(self) -> bool: ...
 
 
 class ApiError(Exception):
@@ -84,7 +90,7 @@ class Client:
     def request(
         self, method: str, path: str, *, json: Any = None, content: bytes | None = None, params: dict | None = None,
         headers: dict | None = None, retry_for: float = 60.0, timeout: float | None = None,
-        abort: threading.Event | None = None,
+        abort: Flag | None = None,
     ) -> httpx.Response:
         """Send, retrying transport errors and 5xx for up to `retry_for` seconds (forever when None),
         or until `abort` is set."""
@@ -113,7 +119,7 @@ class Client:
     # --- the worker calls ----------------------------------------------------
 
     def pull(self, roles: list[str], *, wait: float = 20.0, retry_for: float | None = None,
-             abort: threading.Event | None = None) -> Pulled | None:
+             abort: Flag | None = None) -> Pulled | None:
         """Long-poll for a step; the Idempotency-Key makes a retried pull return the same lease."""
         key = str(uuid.uuid4())
         response = self.request(
@@ -126,7 +132,7 @@ class Client:
         return Pulled(step=body["step"], workflow=body["workflow"], lease=body["lease"])
 
     def pull_batch(self, roles: list[str], *, max: int, wait: float = 20.0, retry_for: float | None = None,
-                   abort: threading.Event | None = None) -> list[Pulled]:
+                   abort: Flag | None = None) -> list[Pulled]:
         """Long-poll for up to `max` steps in one request (`?max=N`), best first; [] when none is ready.
 
         The answer's shape is told by its keys: `{"leases": [...]}` from a server that takes `max`,
@@ -160,7 +166,7 @@ class Client:
                             json={"lease_token": token, "iterations": iterations or []}, retry_for=20).json()
 
     def report(self, payload: dict[str, Any], *, retry_for: float | None = None,
-               abort: threading.Event | None = None) -> dict[str, Any]:
+               abort: Flag | None = None) -> dict[str, Any]:
         return self.request("POST", "/v1/report_result", json=payload, retry_for=retry_for, abort=abort).json()
 
     def release(self, step_id: str, token: str) -> dict[str, Any]:

@@ -589,7 +589,7 @@ class Worker:
             return  # the worker handed it back already (the handler outlived the shutdown)
         elapsed = time.monotonic() - step.started
         if step._lost:
-            self.lost += 1
+            self._count("lost")
             logger.warning("✘ %s  lease lost after %.1f s: dropping the work (another agent will do it)",
                            step.label, elapsed)
         elif step._cancelled_by_server:
@@ -713,12 +713,12 @@ class Worker:
             logger.error("✘ %s  result not delivered (%s); kept in %s for the next start", step.label, exc, path)
             return
         if outcome.status == "completed":
-            self.completed += 1
+            self._count("completed")
             released = answer.get("released") or []
             logger.info("✔ %s  completed in %.1f s%s", step.label, elapsed,
                         f"; released {', '.join(released)}" if released else "")
         else:
-            self.failed += 1
+            self._count("failed")
             logger.info("✘ %s  failed in %.1f s (%s)%s", step.label, elapsed, outcome.error.strip().splitlines()[-1]
                         if outcome.error.strip() else "", ", will be retried" if answer.get("status") == "ready" else "")
 
@@ -749,8 +749,12 @@ class Worker:
                 return
             path.unlink()
 
+    def _count(self, outcome: str) -> None:
+        with self._cond:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
     def _hand_back(self, step: Step, why: str) -> None:
-        self.handed_back += 1
+        self._count("handed_back")
         try:
             self.client.release(step.id, step.token)
             logger.info("↩ %s  handed back: %s", step.label, why)
