@@ -356,7 +356,8 @@ class Step:
 
     def _fencing(self, path: str) -> int:
         with self._guard:
-            held = next((lock for lock in self._locks if covers(lock["path"], path)), None)
+            # The newest first: a lock taken with `step.lock` over one that came with the lease.
+            held = next((lock for lock in reversed(self._locks) if covers(lock["path"], path)), None)
         if held is None:
             held = self._acquire([path], "write", self._worker.lock_wait_s)[0]
         return held["fencing"]
