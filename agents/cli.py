@@ -16,7 +16,7 @@ from typing import Any
 
 from agents import telemetry
 from agents.llm import make_llm
-from agents.runtime import Worker, WorkerConfig
+from agents.runtime import WorkerConfig, build_worker
 
 ENV = {
     "server": "AM_SERVER", "token": "AM_TOKEN", "roles": "AM_ROLES", "workspace": "AM_WORKSPACE",
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
                         datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    worker = Worker(config, llm)
-    worker.install_signal_handlers()
-    worker.run(max_steps=args.max_steps)
+    if config.allow_commands:
+        logging.getLogger("agents").info("run_command is offered to the LLM (--allow-commands)")
+    build_worker(config, llm).run(concurrency=config.concurrency, max_steps=args.max_steps)
     return 0

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -21,6 +21,15 @@ import httpx
 from agents import telemetry
 
 logger = logging.getLogger("agents.client")
+
+# The most steps one pull may ask for (api-v1.md: `?max=N`, 1 to 50).
+MAX_BATCH = 50
+
+
+class Flag(Protocol):
+    """What `abort` may be: a `threading.Event`, or anything else that can say whether it is set."""
+
+    def is_set(self) -> bool: ...
 
 
 class ApiError(Exception):
@@ -32,6 +41,14 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.body = body or {}
+
+
+class LockConflict(ApiError):
+    """`409 lock_conflict`: another holder has one of the paths; `conflicts` names who and until when."""
+
+    @property
+    def conflicts(self) -> list[dict[str, Any]]:
+        return self.body.get("conflicts", [])
 
 
 class Unreachable(Exception):
@@ -54,15 +71,19 @@ class Pulled:
 
 
 class Client:
-    def __init__(self, server: str, token: str, *, timeout: float = 45.0, max_backoff: float = 30.0) -> None:
+    def __init__(self, server: str, token: str, *, timeout: float = 45.0, max_backoff: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.server = server.rstrip("/")
         self._http = httpx.Client(
             base_url=self.server,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "am-agent/1"},
-            timeout=timeout,
+            timeout=timeout, transport=transport,
         )
         self.max_backoff = max_backoff
         self.closed = threading.Event()
+        # Whether the server takes `?max=N` on a pull: None until a batch pull was tried. A server from
+        # before batch pulls refuses the parameter (400); the client then pulls one step at a time.
+        self.batch_pulls: bool | None = None
 
     def close(self) -> None:
         self.closed.set()
@@ -71,7 +92,7 @@ class Client:
     def request(
         self, method: str, path: str, *, json: Any = None, content: bytes | None = None, params: dict | None = None,
         headers: dict | None = None, retry_for: float = 60.0, timeout: float | None = None,
-        abort: threading.Event | None = None,
+        abort: Flag | None = None,
     ) -> httpx.Response:
         """Send, retrying transport errors and 5xx for up to `retry_for` seconds (forever when None),
         or until `abort` is set."""
@@ -101,7 +122,7 @@ class Client:
     # --- the worker calls ----------------------------------------------------
 
     def pull(self, roles: list[str], *, wait: float = 20.0, retry_for: float | None = None,
-             abort: threading.Event | None = None) -> Pulled | None:
+             abort: Flag | None = None) -> Pulled | None:
         """Long-poll for a step; the Idempotency-Key makes a retried pull return the same lease."""
         key = str(uuid.uuid4())
         response = self.request(
@@ -113,12 +134,42 @@ class Client:
         body = response.json()
         return Pulled(step=body["step"], workflow=body["workflow"], lease=body["lease"])
 
+    def pull_batch(self, roles: list[str], *, max: int, wait: float = 20.0, retry_for: float | None = None,
+                   abort: Flag | None = None) -> list[Pulled]:
+        """Long-poll for up to `max` steps in one request (`?max=N`), best first; [] when none is ready.
+
+        The answer's shape is told by its keys: `{"leases": [...]}` from a server that takes `max`,
+        `{"step", "workflow", "lease"}` from one that answers a single step. A server that refuses
+        the parameter (400 naming `max`) is asked for one step at a time from then on.
+        """
+        params: dict[str, Any] = {"wait": wait}
+        if max > 1 and self.batch_pulls is not False:
+            params["max"] = min(max, MAX_BATCH)
+        try:
+            response = self.request("GET", f"/v1/tasks/{','.join(roles)}/ready", params=params,
+                                    headers={"Idempotency-Key": str(uuid.uuid4())}, retry_for=retry_for,
+                                    timeout=wait + 15, abort=abort)
+        except ApiError as exc:
+            if "max" not in params or exc.status != 400 or "max" not in exc.detail:
+                raise
+            logger.info("The server does not take ?max= on a pull (%s); pulling one step at a time.", exc.detail)
+            self.batch_pulls = False
+            return self.pull_batch(roles, max=1, wait=wait, retry_for=retry_for, abort=abort)
+        if response.status_code == 204:
+            return []
+        body = response.json()
+        if "leases" in body:
+            self.batch_pulls = True
+            return [Pulled(step=item["step"], workflow=item["workflow"], lease=item["lease"])
+                    for item in body["leases"]]
+        return [Pulled(step=body["step"], workflow=body["workflow"], lease=body["lease"])]
+
     def heartbeat(self, step_id: str, token: str, iterations: list[dict] | None = None) -> dict[str, Any]:
         return self.request("POST", f"/v1/steps/{step_id}/heartbeat",
                             json={"lease_token": token, "iterations": iterations or []}, retry_for=20).json()
 
     def report(self, payload: dict[str, Any], *, retry_for: float | None = None,
-               abort: threading.Event | None = None) -> dict[str, Any]:
+               abort: Flag | None = None) -> dict[str, Any]:
         return self.request("POST", "/v1/report_result", json=payload, retry_for=retry_for, abort=abort).json()
 
     def release(self, step_id: str, token: str) -> dict[str, Any]:
@@ -127,6 +178,14 @@ class Client:
     def lock(self, paths: list[str], mode: str, *, step_id: str, token: str, wait_s: float = 10) -> list[dict]:
         body = {"paths": paths, "mode": mode, "step_id": step_id, "lease_token": token, "wait_s": wait_s}
         return self.request("POST", "/v1/locks", json=body, retry_for=20, timeout=wait_s + 15).json()["locks"]
+
+    def unlock(self, lock_id: str) -> None:
+        """Release a lock before its step ends; one already gone (released with its lease) is no error."""
+        try:
+            self.request("DELETE", f"/v1/locks/{lock_id}", retry_for=15)
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
 
     def me(self) -> dict[str, Any]:
         return self.request("GET", "/v1/agents/me", retry_for=30).json()
@@ -173,4 +232,6 @@ def _api_error(response: httpx.Response) -> ApiError:
         body = response.json()
     except ValueError:
         body = {}
-    return ApiError(response.status_code, body.get("error", "error"), body.get("detail", response.text[:200]), body)
+    code = body.get("error", "error")
+    kind = LockConflict if code == "lock_conflict" else ApiError
+    return kind(response.status_code, code, body.get("detail", response.text[:200]), body)

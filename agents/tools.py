@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.client import ApiError, Unreachable
+from agents.errors import LeaseLost
 from agents.mirror import STATE_DIR, Change, Mirror, atomic_write
 
 MAX_READ_BYTES = 100_000
@@ -48,10 +49,6 @@ COMMAND_DOC = ("run_command(command, timeout_s=...) - run a shell command in the
 
 class ToolError(Exception):
     """A tool could not do what was asked; the message becomes the observation."""
-
-
-class LeaseLost(Exception):
-    """The server says the lease is gone: drop the work."""
 
 
 @dataclass

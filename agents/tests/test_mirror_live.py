@@ -8,7 +8,8 @@ import pytest
 
 from agents.client import Client
 from agents.mirror import STATE_DIR, Mirror
-from agents.runtime import StepRun, Worker, WorkerConfig
+from agents.runtime import tool_locker
+from agents.worker import Step as LeasedStep, Worker
 from agents.tests.test_worker_live import WorkerProcess, _wait_for
 from agents.tools import CommandPolicy, ToolError, Workspace
 from coordination.models import FileLock, FileVersion, Iteration, Step, Workflow
@@ -68,11 +69,9 @@ def _pulled_workspace(live_am, agent, tmp_path, project, *, commands=False):
     assert pulled is not None and pulled.workflow["project"] == project
     mirror = Mirror(tmp_path / "mirror", project, client)
     mirror.sync()
-    worker = Worker(WorkerConfig(server=live_am, token=agent.token, roles=agent.agent.roles, workspace=tmp_path,
-                                 lock_wait_s=0), llm=None, client=client)
-    run = StepRun(pulled)
+    worker = Worker(live_am, agent.token, workspace=tmp_path, lock_wait_s=0, client=client)
     tools = Workspace(mirror.root, mirror=mirror, locks=pulled.lease["locks"],
-                      lock_writer=lambda paths: worker._lock_for_write(run, paths),
+                      lock_writer=tool_locker(LeasedStep(worker, pulled), wait_s=0),
                       commands=CommandPolicy(timeout_s=30) if commands else None)
     return client, pulled, mirror, tools
 

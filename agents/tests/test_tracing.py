@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from agents import telemetry as worker_telemetry
 from agents.llm.openai_provider import OpenAIProvider
-from agents.runtime import Worker, WorkerConfig
+from agents.runtime import WorkerConfig, build_worker
 from am_project import telemetry
 from coordination.models import Attempt, Workflow
 from coordination.services import workflow_creation
@@ -79,8 +79,8 @@ class TracingTests:
                             prompt_tokens=150, completion_tokens=10)
         llm = OpenAIProvider(base_url=fake_llm.base_url, model="test-model", max_retries=0,
                              price_prompt_per_mtok=1.0, price_completion_per_mtok=2.0)
-        worker = Worker(WorkerConfig(server=traced_server, token=agent.token, roles=["researcher"],
-                                     workspace=tmp_path / "mirrors", poll_wait_s=1), llm)
+        worker = build_worker(WorkerConfig(server=traced_server, token=agent.token, roles=["researcher"],
+                                           workspace=tmp_path / "mirrors", poll_wait_s=1), llm)
         worker.run(max_steps=1)
 
         workflow.refresh_from_db()
