@@ -33,6 +33,12 @@ def _check_json(value, path: str = "") -> None:
 class JSONObjectField(serializers.DictField):
     """A free-form JSON object (outputs, metadata) that PostgreSQL can store."""
 
+    def __init__(self, **kwargs):
+        kwargs.setdefault("help_text", "Any JSON object whose strings, keys and values alike, hold no NUL (\\u0000): "
+                                       "PostgreSQL cannot store it (invalid_request). OpenAPI 3.0 cannot say that of "
+                                       "an object's keys.")
+        super().__init__(**kwargs)
+
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
         _check_json(value)
@@ -81,6 +87,10 @@ class StrictBooleanField(serializers.BooleanField):
 class StrictSerializer(serializers.Serializer):
     """Refuses fields it does not know, and bodies that are not JSON objects."""
 
+    # Merged into the body's OpenAPI schema (coordination/api/schema.py): the rules between fields that
+    # `validate` checks, said as anyOf / oneOf, so that a generated client knows them too.
+    schema_extra: dict = {}
+
     def to_internal_value(self, data):
         if not isinstance(data, dict):
             raise serializers.ValidationError(
@@ -115,7 +125,7 @@ class StepInSerializer(StrictSerializer):
     key = documented(StrictCharField(max_length=100, trim_whitespace=False), **KEY_SCHEMA,
                      description="Unique in the workflow (else invalid_workflow: duplicate_key).")
     name = documented(StrictCharField(max_length=200, required=False, allow_blank=True),
-                      pattern=r"^$|\S", description="Default: the key. Not blank.")
+                      description="Default (also when empty or only whitespace): the key.")
     description = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
     role = documented(StrictCharField(max_length=64, trim_whitespace=False), **ROLE_SCHEMA)
     depends_on = documented(
@@ -143,8 +153,12 @@ class WorkflowInSerializer(StrictSerializer):
     """A workflow: give `steps`, or a non-blank `goal` for the planner (or both).
 
     The steps form a graph: keys unique, `depends_on` naming keys of this workflow, no step depending on
-    itself, no cycle. A graph breaking these is 400 invalid_workflow, each problem in `errors`.
+    itself, no cycle. A graph breaking these is 400 invalid_workflow, each problem in `errors` (OpenAPI
+    cannot say these rules, which relate one item of `steps` to the others).
     """
+
+    schema_extra = {"anyOf": [{"required": ["steps"], "properties": {"steps": {"minItems": 1}}},
+                              {"required": ["goal"], "properties": {"goal": {"pattern": NOT_BLANK}}}]}
 
     name = documented(StrictCharField(max_length=200), pattern=NOT_BLANK)
     project = documented(StrictCharField(max_length=64, required=False, default="default"), **PROJECT_SCHEMA)
@@ -294,7 +308,15 @@ class RawPathField(serializers.Field):
 class LockInSerializer(StrictSerializer):
     """Locks on paths; `step_id` and `lease_token` go together (one without the other is invalid_request)."""
 
-    project = StrictCharField(max_length=64, required=False, help_text="Default: the step's project, else 'default'.")
+    # Both, or neither (OpenAPI 3.1 would say `dependentRequired`; 3.0 says it with anyOf).
+    schema_extra = {"anyOf": [{"required": ["step_id", "lease_token"]},
+                              {"not": {"anyOf": [{"required": ["step_id"]}, {"required": ["lease_token"]}]}}]}
+
+    project = documented(
+        StrictCharField(max_length=64, required=False), pattern=NOT_BLANK,
+        description="Default: the step's project, else 'default'. A project that does not exist is not_found "
+                    "(404), except 'default', which is created.",
+    )
     paths = serializers.ListField(
         child=documented(RawPathField(), **PATH_SCHEMA), min_length=1, max_length=200,
         help_text="Relative POSIX paths; a trailing '/' locks a directory and everything under it.",

@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 
 from coordination import selectors
 from coordination.api import serializers as s
-from coordination.api.schema import PATH_SCHEMA
+from coordination.api.schema import FILTER_SCHEMA, PATH_SCHEMA
 from coordination.api.auth import CanSubmit, IsAgent, IsAuthenticated, request_agent
 from coordination.errors import Forbidden, InvalidRequest, NotFound
 from coordination.models import Workflow, WorkflowStatus
@@ -19,6 +19,7 @@ from coordination.paths import normalise_path
 from coordination.services import audits, file_locks, leases, pull, reports, workflow_control, workflow_creation
 
 MAX_WAIT_S = pull.MAX_WAIT_S
+MAX_IDEMPOTENCY_KEY = 200
 
 
 def _error(description: str, serializer=s.ErrorSerializer) -> OpenApiResponse:
@@ -80,13 +81,16 @@ class PullView(APIBase):
             OpenApiParameter("role", OpenApiTypes.STR, OpenApiParameter.PATH, description="Role, or roles separated by commas."),
             OpenApiParameter("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}, OpenApiParameter.QUERY,
                              required=False, description="Seconds to wait for a ready step, 0 to 30 (default 0)."),
-            OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
-                             description="A key unique to this pull; a retried request with it gets the same lease."),
+            OpenApiParameter("Idempotency-Key", {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                             OpenApiParameter.HEADER, required=False,
+                             description="A key unique to this pull (at most 200 characters); a retried request "
+                                         "with it gets the same lease."),
         ],
         responses={
             200: s.PullOutSerializer,
             204: OpenApiResponse(description="No step of these roles is ready."),
-            400: _error("A role is not a valid slug, or `wait` is not a number from 0 to 30."),
+            400: _error("A role is not a valid slug, `wait` is not a number from 0 to 30, or the "
+                        "Idempotency-Key is longer than 200 characters."),
             409: _error("The Idempotency-Key was used for a lease that has ended."),
             429: _error("at_capacity: the agent holds as many steps as its capacity."),
             **AUTH_ERRORS,
@@ -97,8 +101,8 @@ class PullView(APIBase):
         roles = pull.parse_pull_roles(role)
         wait = pull.parse_wait(request.query_params.get("wait"))
         key = request.headers.get("Idempotency-Key", "")
-        if len(key) > 200:
-            raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequest(f"Idempotency-Key may be at most {MAX_IDEMPOTENCY_KEY} characters.")
         lease = pull.pull_waiting(agent=agent, roles=roles, wait=wait, idempotency_key=key)
         if lease is None:
             return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
@@ -191,7 +195,7 @@ class WorkflowListView(APIBase):
         summary="List workflows, newest first",
         parameters=[
             OpenApiParameter("status", OpenApiTypes.STR, enum=WorkflowStatus.values, required=False),
-            OpenApiParameter("project", OpenApiTypes.STR, required=False),
+            OpenApiParameter("project", FILTER_SCHEMA, required=False, description="A project's name."),
             OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 500}, required=False),
             OpenApiParameter("offset", {"type": "integer", "minimum": 0}, required=False),
         ],
@@ -203,7 +207,7 @@ class WorkflowListView(APIBase):
             raise InvalidRequest(f"status={status_filter!r} is not one of {', '.join(WorkflowStatus.values)}.")
         _int_param(request, "limit", Pagination.default_limit, 1, Pagination.max_limit)
         _int_param(request, "offset", 0, 0, 2**62)
-        workflows = selectors.workflow_list(status=status_filter, project=request.query_params.get("project"))
+        workflows = selectors.workflow_list(status=status_filter, project=_filter_param(request, "project"))
         paginator = Pagination()
         page = paginator.paginate_queryset(workflows, request, view=self)
         return paginator.get_paginated_response(s.WorkflowOutSerializer(page, many=True).data)
@@ -328,6 +332,14 @@ class WorkflowEventsView(APIBase):
         }).data))
 
 
+def _filter_param(request, name: str) -> str | None:
+    """A name to filter by, or None when absent; empty is refused: it names nothing, so it is likely a mistake."""
+    value = request.query_params.get(name)
+    if value == "":
+        raise InvalidRequest(f"{name}= is empty: give a name, or leave the parameter out.")
+    return value
+
+
 def _int_param(request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -431,18 +443,18 @@ class LockListView(APIBase):
         operation_id="list_locks",
         summary="Live file locks (not released, not expired)",
         parameters=[
-            OpenApiParameter("project", OpenApiTypes.STR, required=False),
+            OpenApiParameter("project", FILTER_SCHEMA, required=False, description="A project's name."),
             OpenApiParameter("path", PATH_SCHEMA, required=False,
                              description="Locks that overlap this path (a directory covers what is under it)."),
-            OpenApiParameter("agent", OpenApiTypes.STR, required=False, description="Holder's agent name."),
+            OpenApiParameter("agent", FILTER_SCHEMA, required=False, description="Holder's agent name."),
         ],
         responses={200: s.LockListSerializer, **BAD_REQUEST, **AUTH_ERRORS},
     )
     def get(self, request):
         path = request.query_params.get("path")
-        locks = selectors.locks_live(project=request.query_params.get("project"),
+        locks = selectors.locks_live(project=_filter_param(request, "project"),
                                      path=normalise_path(path) if path is not None else None,
-                                     agent=request.query_params.get("agent"))
+                                     agent=_filter_param(request, "agent"))
         return _no_store(Response(s.LockListSerializer({"locks": locks}).data))
 
     @extend_schema(

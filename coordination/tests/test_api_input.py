@@ -130,3 +130,17 @@ class QueryParameterTests:
     def test_an_unknown_query_parameter_is_400(self, owner_client):
         body = _assert_error(owner_client.get("/v1/workflows?stauts=running"), 400, "invalid_request")
         assert "stauts" in body["detail"]
+
+    def test_an_empty_name_filter_is_400_as_an_empty_path_is(self, owner_client):
+        # `?project=` names no project: refused like `?path=`, not answered with an empty list.
+        for url in ["/v1/locks?project=", "/v1/locks?agent=", "/v1/workflows?project="]:
+            body = _assert_error(owner_client.get(url), 400, "invalid_request")
+            assert "is empty" in body["detail"], url
+        _assert_error(owner_client.get("/v1/locks?path="), 400, "invalid_path")
+        assert owner_client.get("/v1/locks?project=default&agent=nobody").json() == {"locks": []}
+
+    def test_a_prefix_over_1024_characters_is_400_on_both_listings(self, owner_client):
+        owner_client.post("/v1/projects", {"name": "webapp"}, format="json")
+        for url in ["/v1/projects/webapp/files", "/v1/projects/webapp/archive"]:
+            _assert_error(owner_client.get(f"{url}?prefix={'a' * 1025}"), 400, "invalid_request")
+            assert owner_client.get(f"{url}?prefix={'a' * 1024}").status_code == 200, url
