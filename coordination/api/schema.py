@@ -93,6 +93,9 @@ def _text_rule(field, mapped: dict) -> dict:
     return {"pattern": NO_NUL}
 
 
+# Answers that hold a project: a link from each to every operation of that project, by `name` (its `id` is
+# not what `{project}` takes; a client that guesses links by field names would pick it).
+PROJECT_ANSWERS = {"create_project": "201", "get_project": "200"}
 # Operations whose body is not a serializer's (drf-spectacular leaves those optional) but must be sent.
 REQUIRED_BODIES = {"import_archive"}
 
@@ -147,4 +150,19 @@ def postprocess(result, generator, request, public):
                 extra.update(BODY_RESPONSES)
             for code, answer in extra.items():
                 responses.setdefault(code, answer)
+    _link_projects(result.get("paths", {}))
     return result
+
+
+def _link_projects(paths: dict) -> None:
+    operations = [operation for path_item in paths.values() for operation in path_item.values()
+                  if isinstance(operation, dict) and "operationId" in operation]
+    targets = [operation["operationId"] for operation in operations
+               if any(p["in"] == "path" and p["name"] == "project" for p in operation.get("parameters", []))]
+    for operation in operations:
+        code = PROJECT_ANSWERS.get(operation["operationId"])
+        if code is None:
+            continue
+        answer = operation["responses"][code]
+        answer["links"] = {target: {"operationId": target, "parameters": {"project": "$response.body#/name"}}
+                           for target in targets if target != operation["operationId"]}

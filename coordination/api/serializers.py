@@ -3,7 +3,7 @@
 Request serializers refuse unknown fields, so that a typo never passes silently.
 """
 
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from django.conf import settings
 from rest_framework import serializers
@@ -71,10 +71,22 @@ class StrictFloatField(serializers.FloatField):
 
 
 class StrictDecimalField(serializers.DecimalField):
+    """A JSON number, rounded half-even to `decimal_places`: a float such as 0.1 + 0.2 (0.30000000000000004) is an
+    amount, not a mistake. The bounds are checked before rounding, so that a value past one is refused rather
+    than rounded onto it, and a value within them stays within them."""
+
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, (int, float)):
             self.fail("invalid")
-        return super().to_internal_value(str(data))
+        value = Decimal(str(data))  # str: the float as written (0.1), not its binary expansion
+        if not value.is_finite():
+            self.fail("invalid")
+        if self.max_value is not None and value > self.max_value:
+            self.fail("max_value", max_value=self.max_value)
+        if self.min_value is not None and value < self.min_value:
+            self.fail("min_value", min_value=self.min_value)
+        return super().to_internal_value(str(value.quantize(Decimal(1).scaleb(-self.decimal_places),
+                                                            rounding=ROUND_HALF_EVEN)))
 
 
 class StrictBooleanField(serializers.BooleanField):
@@ -143,8 +155,8 @@ class StepInSerializer(StrictSerializer):
 class BudgetSerializer(StrictSerializer):
     usd = documented(
         StrictDecimalField(max_digits=12, decimal_places=4, required=False, allow_null=True,
-                           min_value=Decimal("0.0001")),
-        description="At most 4 decimal places (12 digits in all); more is invalid_request.",
+                           min_value=Decimal("0.0001"), max_value=Decimal("99999999.9999")),
+        maximum=99999999.9999, exclusiveMaximum=False, description="Rounded to 4 decimal places.",
     )
     tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
 
@@ -242,8 +254,9 @@ class UsageSerializer(StrictSerializer):
     prompt_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
     completion_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
     cost_usd = documented(
-        StrictDecimalField(max_digits=14, decimal_places=6, min_value=Decimal(0), required=False, default=Decimal(0)),
-        description="At most 6 decimal places (14 digits in all); more is invalid_request.",
+        StrictDecimalField(max_digits=14, decimal_places=6, min_value=Decimal(0), max_value=Decimal("99999999.999999"),
+                           required=False, default=Decimal(0)),
+        maximum=99999999.999999, exclusiveMaximum=False, description="Rounded to 6 decimal places.",
     )
 
 

@@ -20,6 +20,8 @@ from coordination.services import audits, file_locks, leases, pull, reports, wor
 
 MAX_WAIT_S = pull.MAX_WAIT_S
 MAX_IDEMPOTENCY_KEY = 200
+# The largest offset, seq or workspace version a query may name (a bigint, with room to spare).
+MAX_SEQ = 2**62
 
 
 def _error(description: str, serializer=s.ErrorSerializer) -> OpenApiResponse:
@@ -52,6 +54,8 @@ class APIBase(APIView):
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
+        if not hasattr(self, request.method.lower()):
+            return  # a method the view does not take: 405 (dispatch), whatever the query says
         unknown = sorted(set(request.query_params) - self.query_params_allowed - {"format"})
         if unknown:
             known = ", ".join(sorted(self.query_params_allowed)) or "none"
@@ -197,7 +201,7 @@ class WorkflowListView(APIBase):
             OpenApiParameter("status", OpenApiTypes.STR, enum=WorkflowStatus.values, required=False),
             OpenApiParameter("project", FILTER_SCHEMA, required=False, description="A project's name."),
             OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 500}, required=False),
-            OpenApiParameter("offset", {"type": "integer", "minimum": 0}, required=False),
+            OpenApiParameter("offset", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}, required=False),
         ],
         responses={200: s.WorkflowPageSerializer, **BAD_REQUEST, **AUTH_ERRORS},
     )
@@ -206,7 +210,7 @@ class WorkflowListView(APIBase):
         if status_filter is not None and status_filter not in WorkflowStatus.values:
             raise InvalidRequest(f"status={status_filter!r} is not one of {', '.join(WorkflowStatus.values)}.")
         _int_param(request, "limit", Pagination.default_limit, 1, Pagination.max_limit)
-        _int_param(request, "offset", 0, 0, 2**62)
+        _int_param(request, "offset", 0, 0, MAX_SEQ)
         workflows = selectors.workflow_list(status=status_filter, project=_filter_param(request, "project"))
         paginator = Pagination()
         page = paginator.paginate_queryset(workflows, request, view=self)
@@ -312,7 +316,7 @@ class WorkflowEventsView(APIBase):
         operation_id="workflow_events",
         summary="The workflow's ordered event log",
         parameters=[
-            OpenApiParameter("after", {"type": "integer", "minimum": 0}, required=False,
+            OpenApiParameter("after", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}, required=False,
                              description="Only events with a larger seq."),
             OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, required=False,
                              description="At most this many (default 500)."),
@@ -320,7 +324,7 @@ class WorkflowEventsView(APIBase):
         responses={200: s.EventPageSerializer, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
     )
     def get(self, request, workflow_id: UUID):
-        after = _int_param(request, "after", 0, 0, 2**62)
+        after = _int_param(request, "after", 0, 0, MAX_SEQ)
         limit = _int_param(request, "limit", 500, 1, 1000)
         workflow = selectors.workflow_get(workflow_id=workflow_id)
         events, has_more = selectors.workflow_events(workflow=workflow, after=after, limit=limit)

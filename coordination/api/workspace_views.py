@@ -20,7 +20,8 @@ from coordination import selectors, workspace_reads
 from coordination.api import serializers as s
 from coordination.api.schema import FILE_PATH_SCHEMA, INTO_SCHEMA, PREFIX_SCHEMA, PROJECT_SCHEMA, documented
 from coordination.api.auth import CanSubmit, IsAuthenticated, request_agent
-from coordination.api.views import AUTH_ERRORS, BAD_REQUEST, TOO_LARGE, APIBase, _error, _int_param, _no_store
+from coordination.api.views import (AUTH_ERRORS, BAD_REQUEST, MAX_SEQ, TOO_LARGE, APIBase, _error, _int_param,
+                                    _no_store)
 from coordination.errors import Forbidden, InvalidRequest
 from coordination.models import Project
 from coordination.paths import normalise_file_path
@@ -172,11 +173,12 @@ class ProjectDetailView(APIBase):
 
 def _version_param(request) -> int | None:
     raw = request.query_params.get("version")
-    return None if raw is None else _int_param(request, "version", 0, 0, 2**62)
+    return None if raw is None else _int_param(request, "version", 0, 0, MAX_SEQ)
 
 
-VERSION_PARAM = OpenApiParameter("version", {"type": "integer", "minimum": 0}, required=False,
-                                 description="As it was at this workspace version (default: now).")
+VERSION_PARAM = OpenApiParameter("version", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}, required=False,
+                                 description="As it was at this workspace version (default: now). A version the "
+                                             "workspace has not reached yet is invalid_request.")
 PREFIX_PARAM = OpenApiParameter("prefix", PREFIX_SCHEMA, required=False,
                                 description="Only paths starting with this text (e.g. `src/`); default: every file.")
 
