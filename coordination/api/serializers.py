@@ -3,7 +3,7 @@
 Request serializers refuse unknown fields, so that a typo never passes silently.
 """
 
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from django.conf import settings
 from rest_framework import serializers
@@ -33,6 +33,12 @@ def _check_json(value, path: str = "") -> None:
 
 class JSONObjectField(serializers.DictField):
     """A free-form JSON object (outputs, metadata) that PostgreSQL can store."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("help_text", "Any JSON object whose strings, keys and values alike, hold no NUL (\\u0000): "
+                                       "PostgreSQL cannot store it (invalid_request). OpenAPI 3.0 cannot say that of "
+                                       "an object's keys.")
+        super().__init__(**kwargs)
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
@@ -66,10 +72,22 @@ class StrictFloatField(serializers.FloatField):
 
 
 class StrictDecimalField(serializers.DecimalField):
+    """A JSON number, rounded half-even to `decimal_places`: a float such as 0.1 + 0.2 (0.30000000000000004) is an
+    amount, not a mistake. The bounds are checked before rounding, so that a value past one is refused rather
+    than rounded onto it, and a value within them stays within them."""
+
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, (int, float)):
             self.fail("invalid")
-        return super().to_internal_value(str(data))
+        value = Decimal(str(data))  # str: the float as written (0.1), not its binary expansion
+        if not value.is_finite():
+            self.fail("invalid")
+        if self.max_value is not None and value > self.max_value:
+            self.fail("max_value", max_value=self.max_value)
+        if self.min_value is not None and value < self.min_value:
+            self.fail("min_value", min_value=self.min_value)
+        return super().to_internal_value(str(value.quantize(Decimal(1).scaleb(-self.decimal_places),
+                                                            rounding=ROUND_HALF_EVEN)))
 
 
 class StrictBooleanField(serializers.BooleanField):
@@ -81,6 +99,10 @@ class StrictBooleanField(serializers.BooleanField):
 
 class StrictSerializer(serializers.Serializer):
     """Refuses fields it does not know, and bodies that are not JSON objects."""
+
+    # Merged into the body's OpenAPI schema (coordination/api/schema.py): the rules between fields that
+    # `validate` checks, said as anyOf / oneOf, so that a generated client knows them too.
+    schema_extra: dict = {}
 
     def to_internal_value(self, data):
         if not isinstance(data, dict):
@@ -116,7 +138,7 @@ class StepInSerializer(StrictSerializer):
     key = documented(StrictCharField(max_length=100, trim_whitespace=False), **KEY_SCHEMA,
                      description="Unique in the workflow (else invalid_workflow: duplicate_key).")
     name = documented(StrictCharField(max_length=200, required=False, allow_blank=True),
-                      pattern=r"^$|\S", description="Default: the key. Not blank.")
+                      description="Default (also when empty or only whitespace): the key.")
     description = StrictCharField(max_length=MAX_TEXT, required=False, allow_blank=True, default="")
     role = documented(StrictCharField(max_length=64, trim_whitespace=False), **ROLE_SCHEMA)
     depends_on = documented(
@@ -134,8 +156,8 @@ class StepInSerializer(StrictSerializer):
 class BudgetSerializer(StrictSerializer):
     usd = documented(
         StrictDecimalField(max_digits=12, decimal_places=4, required=False, allow_null=True,
-                           min_value=Decimal("0.0001")),
-        description="At most 4 decimal places (12 digits in all); more is invalid_request.",
+                           min_value=Decimal("0.0001"), max_value=Decimal("99999999.9999")),
+        maximum=99999999.9999, exclusiveMaximum=False, description="Rounded to 4 decimal places.",
     )
     tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
 
@@ -144,8 +166,12 @@ class WorkflowInSerializer(StrictSerializer):
     """A workflow: give `steps`, or a non-blank `goal` for the planner (or both).
 
     The steps form a graph: keys unique, `depends_on` naming keys of this workflow, no step depending on
-    itself, no cycle. A graph breaking these is 400 invalid_workflow, each problem in `errors`.
+    itself, no cycle. A graph breaking these is 400 invalid_workflow, each problem in `errors` (OpenAPI
+    cannot say these rules, which relate one item of `steps` to the others).
     """
+
+    schema_extra = {"anyOf": [{"required": ["steps"], "properties": {"steps": {"minItems": 1}}},
+                              {"required": ["goal"], "properties": {"goal": {"pattern": NOT_BLANK}}}]}
 
     name = documented(StrictCharField(max_length=200), pattern=NOT_BLANK)
     project = documented(StrictCharField(max_length=64, required=False, default="default"), **PROJECT_SCHEMA)
@@ -229,8 +255,9 @@ class UsageSerializer(StrictSerializer):
     prompt_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
     completion_tokens = StrictIntegerField(min_value=0, max_value=10**12, required=False, default=0)
     cost_usd = documented(
-        StrictDecimalField(max_digits=14, decimal_places=6, min_value=Decimal(0), required=False, default=Decimal(0)),
-        description="At most 6 decimal places (14 digits in all); more is invalid_request.",
+        StrictDecimalField(max_digits=14, decimal_places=6, min_value=Decimal(0), max_value=Decimal("99999999.999999"),
+                           required=False, default=Decimal(0)),
+        maximum=99999999.999999, exclusiveMaximum=False, description="Rounded to 6 decimal places.",
     )
 
 
@@ -295,7 +322,15 @@ class RawPathField(serializers.Field):
 class LockInSerializer(StrictSerializer):
     """Locks on paths; `step_id` and `lease_token` go together (one without the other is invalid_request)."""
 
-    project = StrictCharField(max_length=64, required=False, help_text="Default: the step's project, else 'default'.")
+    # Both, or neither (OpenAPI 3.1 would say `dependentRequired`; 3.0 says it with anyOf).
+    schema_extra = {"anyOf": [{"required": ["step_id", "lease_token"]},
+                              {"not": {"anyOf": [{"required": ["step_id"]}, {"required": ["lease_token"]}]}}]}
+
+    project = documented(
+        StrictCharField(max_length=64, required=False), pattern=NOT_BLANK,
+        description="Default: the step's project, else 'default'. A project that does not exist is not_found "
+                    "(404), except 'default', which is created.",
+    )
     paths = serializers.ListField(
         child=documented(RawPathField(), **PATH_SCHEMA), min_length=1, max_length=200,
         help_text="Relative POSIX paths; a trailing '/' locks a directory and everything under it.",

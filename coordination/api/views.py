@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 
 from coordination import selectors
 from coordination.api import serializers as s
-from coordination.api.schema import PATH_SCHEMA
+from coordination.api.schema import FILTER_SCHEMA, PATH_SCHEMA
 from coordination.api.auth import CanSubmit, IsAgent, IsAuthenticated, request_agent
 from coordination.errors import Forbidden, InvalidRequest, NotFound
 from coordination.models import Workflow, WorkflowStatus
@@ -19,6 +19,9 @@ from coordination.paths import normalise_path
 from coordination.services import audits, file_locks, leases, pull, reports, workflow_control, workflow_creation
 
 MAX_WAIT_S = pull.MAX_WAIT_S
+MAX_IDEMPOTENCY_KEY = 200
+# The largest offset, seq or workspace version a query may name (a bigint, with room to spare).
+MAX_SEQ = 2**62
 
 
 def _error(description: str, serializer=s.ErrorSerializer) -> OpenApiResponse:
@@ -51,6 +54,8 @@ class APIBase(APIView):
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
+        if not hasattr(self, request.method.lower()):
+            return  # a method the view does not take: 405 (dispatch), whatever the query says
         unknown = sorted(set(request.query_params) - self.query_params_allowed - {"format"})
         if unknown:
             known = ", ".join(sorted(self.query_params_allowed)) or "none"
@@ -87,8 +92,10 @@ class PullView(APIBase):
                              OpenApiParameter.QUERY, required=False,
                              description="Lease up to this many steps in one request (a batch pull); the answer is "
                                          "then `{\"leases\": [...]}`."),
-            OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
-                             description="A key unique to this pull; a retried request with it gets the same lease."),
+            OpenApiParameter("Idempotency-Key", {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                             OpenApiParameter.HEADER, required=False,
+                             description="A key unique to this pull (at most 200 characters); a retried request "
+                                         "with it gets the same lease (the same leases, for a batch)."),
         ],
         responses={
             200: PolymorphicProxySerializer(
@@ -96,8 +103,8 @@ class PullView(APIBase):
                 resource_type_field_name=None,
             ),
             204: OpenApiResponse(description="No step of these roles is ready."),
-            400: _error("A role is not a valid slug, `wait` is not a number from 0 to 30, or `max` is not a whole "
-                        "number from 1 to 50."),
+            400: _error("A role is not a valid slug, `wait` is not a number from 0 to 30, `max` is not a whole "
+                        "number from 1 to 50, or the Idempotency-Key is longer than 200 characters."),
             409: _error("The Idempotency-Key was used for a lease that has ended."),
             429: _error("at_capacity: the agent holds as many steps as its capacity."),
             **AUTH_ERRORS,
@@ -109,8 +116,8 @@ class PullView(APIBase):
         wait = pull.parse_wait(request.query_params.get("wait"))
         count = pull.parse_max(request.query_params.get("max"))
         key = request.headers.get("Idempotency-Key", "")
-        if len(key) > 200:
-            raise InvalidRequest("Idempotency-Key may be at most 200 characters.")
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequest(f"Idempotency-Key may be at most {MAX_IDEMPOTENCY_KEY} characters.")
         leases = pull.batch_pull_waiting(agent=agent, roles=roles, count=count or 1, wait=wait, idempotency_key=key)
         if not leases:
             return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
@@ -205,9 +212,9 @@ class WorkflowListView(APIBase):
         summary="List workflows, newest first",
         parameters=[
             OpenApiParameter("status", OpenApiTypes.STR, enum=WorkflowStatus.values, required=False),
-            OpenApiParameter("project", OpenApiTypes.STR, required=False),
+            OpenApiParameter("project", FILTER_SCHEMA, required=False, description="A project's name."),
             OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 500}, required=False),
-            OpenApiParameter("offset", {"type": "integer", "minimum": 0}, required=False),
+            OpenApiParameter("offset", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}, required=False),
         ],
         responses={200: s.WorkflowPageSerializer, **BAD_REQUEST, **AUTH_ERRORS},
     )
@@ -216,8 +223,8 @@ class WorkflowListView(APIBase):
         if status_filter is not None and status_filter not in WorkflowStatus.values:
             raise InvalidRequest(f"status={status_filter!r} is not one of {', '.join(WorkflowStatus.values)}.")
         _int_param(request, "limit", Pagination.default_limit, 1, Pagination.max_limit)
-        _int_param(request, "offset", 0, 0, 2**62)
-        workflows = selectors.workflow_list(status=status_filter, project=request.query_params.get("project"))
+        _int_param(request, "offset", 0, 0, MAX_SEQ)
+        workflows = selectors.workflow_list(status=status_filter, project=_filter_param(request, "project"))
         paginator = Pagination()
         page = paginator.paginate_queryset(workflows, request, view=self)
         return paginator.get_paginated_response(s.WorkflowOutSerializer(page, many=True).data)
@@ -322,7 +329,7 @@ class WorkflowEventsView(APIBase):
         operation_id="workflow_events",
         summary="The workflow's ordered event log",
         parameters=[
-            OpenApiParameter("after", {"type": "integer", "minimum": 0}, required=False,
+            OpenApiParameter("after", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}, required=False,
                              description="Only events with a larger seq."),
             OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, required=False,
                              description="At most this many (default 500)."),
@@ -330,7 +337,7 @@ class WorkflowEventsView(APIBase):
         responses={200: s.EventPageSerializer, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
     )
     def get(self, request, workflow_id: UUID):
-        after = _int_param(request, "after", 0, 0, 2**62)
+        after = _int_param(request, "after", 0, 0, MAX_SEQ)
         limit = _int_param(request, "limit", 500, 1, 1000)
         workflow = selectors.workflow_get(workflow_id=workflow_id)
         events, has_more = selectors.workflow_events(workflow=workflow, after=after, limit=limit)
@@ -340,6 +347,14 @@ class WorkflowEventsView(APIBase):
             "last_seq": events[-1].seq if events else after,
             "has_more": has_more,
         }).data))
+
+
+def _filter_param(request, name: str) -> str | None:
+    """A name to filter by, or None when absent; empty is refused: it names nothing, so it is likely a mistake."""
+    value = request.query_params.get(name)
+    if value == "":
+        raise InvalidRequest(f"{name}= is empty: give a name, or leave the parameter out.")
+    return value
 
 
 def _int_param(request, name: str, default: int, low: int, high: int) -> int:
@@ -445,18 +460,18 @@ class LockListView(APIBase):
         operation_id="list_locks",
         summary="Live file locks (not released, not expired)",
         parameters=[
-            OpenApiParameter("project", OpenApiTypes.STR, required=False),
+            OpenApiParameter("project", FILTER_SCHEMA, required=False, description="A project's name."),
             OpenApiParameter("path", PATH_SCHEMA, required=False,
                              description="Locks that overlap this path (a directory covers what is under it)."),
-            OpenApiParameter("agent", OpenApiTypes.STR, required=False, description="Holder's agent name."),
+            OpenApiParameter("agent", FILTER_SCHEMA, required=False, description="Holder's agent name."),
         ],
         responses={200: s.LockListSerializer, **BAD_REQUEST, **AUTH_ERRORS},
     )
     def get(self, request):
         path = request.query_params.get("path")
-        locks = selectors.locks_live(project=request.query_params.get("project"),
+        locks = selectors.locks_live(project=_filter_param(request, "project"),
                                      path=normalise_path(path) if path is not None else None,
-                                     agent=request.query_params.get("agent"))
+                                     agent=_filter_param(request, "agent"))
         return _no_store(Response(s.LockListSerializer({"locks": locks}).data))
 
     @extend_schema(

@@ -18,9 +18,10 @@ from rest_framework.response import Response
 
 from coordination import selectors, workspace_reads
 from coordination.api import serializers as s
-from coordination.api.schema import FILE_PATH_SCHEMA, PROJECT_SCHEMA, documented
+from coordination.api.schema import FILE_PATH_SCHEMA, INTO_SCHEMA, PREFIX_SCHEMA, PROJECT_SCHEMA, documented
 from coordination.api.auth import CanSubmit, IsAuthenticated, request_agent
-from coordination.api.views import AUTH_ERRORS, BAD_REQUEST, TOO_LARGE, APIBase, _error, _int_param, _no_store
+from coordination.api.views import (AUTH_ERRORS, BAD_REQUEST, MAX_SEQ, TOO_LARGE, APIBase, _error, _int_param,
+                                    _no_store)
 from coordination.errors import Forbidden, InvalidRequest
 from coordination.models import Project
 from coordination.paths import normalise_file_path
@@ -93,6 +94,9 @@ class BatchOutSerializer(drf.Serializer):
 class ChangeInSerializer(s.StrictSerializer):
     """One change: exactly one of `content`, `content_b64` (valid base64) or `delete: true`."""
 
+    schema_extra = {"oneOf": [{"required": ["content"]}, {"required": ["content_b64"]},
+                              {"required": ["delete"], "properties": {"delete": {"enum": [True]}}}]}
+
     path = documented(s.StrictCharField(max_length=1024, trim_whitespace=False), **FILE_PATH_SCHEMA)
     content = s.StrictCharField(required=False, allow_blank=True, trim_whitespace=False)
     content_b64 = documented(s.StrictCharField(required=False, allow_blank=True, trim_whitespace=False),
@@ -109,7 +113,9 @@ class ChangeInSerializer(s.StrictSerializer):
 
 class BatchInSerializer(s.StrictSerializer):
     changes = documented(ChangeInSerializer(many=True, allow_empty=False,
-                                            max_length=workspace.MAX_CHANGES_PER_BATCH), minItems=1)
+                                            max_length=workspace.MAX_CHANGES_PER_BATCH), minItems=1,
+                         description="One change per path: two changes naming the same path (once normalised, "
+                                     "`a/./b` is `a/b`) are invalid_request, which OpenAPI cannot say.")
 
 
 class StepChangeSerializer(drf.Serializer):
@@ -167,25 +173,31 @@ class ProjectDetailView(APIBase):
 
 def _version_param(request) -> int | None:
     raw = request.query_params.get("version")
-    return None if raw is None else _int_param(request, "version", 0, 0, 2**62)
+    return None if raw is None else _int_param(request, "version", 0, 0, MAX_SEQ)
 
 
-VERSION_PARAM = OpenApiParameter("version", {"type": "integer", "minimum": 0}, required=False,
-                                 description="As it was at this workspace version (default: now).")
+VERSION_PARAM = OpenApiParameter("version", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}, required=False,
+                                 description="As it was at this workspace version (default: now). A version the "
+                                             "workspace has not reached yet is invalid_request.")
+PREFIX_PARAM = OpenApiParameter("prefix", PREFIX_SCHEMA, required=False,
+                                description="Only paths starting with this text (e.g. `src/`); default: every file.")
+
+
+def _prefix_param(request) -> str:
+    prefix = request.query_params.get("prefix", "")
+    if len(prefix) > PREFIX_SCHEMA["maxLength"]:
+        raise InvalidRequest(f"prefix may be at most {PREFIX_SCHEMA['maxLength']} characters.")
+    return prefix
 
 
 class FilesView(APIBase):
     query_params_allowed = frozenset({"prefix", "version"})
 
     @extend_schema(operation_id="list_files", summary="The workspace's files now, or at a version",
-                   parameters=[OpenApiParameter("prefix", OpenApiTypes.STR, required=False,
-                                                description="Only paths starting with this (e.g. `src/`)."),
-                               VERSION_PARAM],
+                   parameters=[PREFIX_PARAM, VERSION_PARAM],
                    responses={200: TreeSerializer, **BAD_REQUEST, **AUTH_ERRORS, **PROJECT_NOT_FOUND})
     def get(self, request, project: str):
-        prefix = request.query_params.get("prefix", "")
-        if len(prefix) > 1024:
-            raise InvalidRequest("prefix may be at most 1024 characters.")
+        prefix = _prefix_param(request)
         found = workspace_reads.project_get(name=project)
         version, files = workspace_reads.workspace_tree(project=found, prefix=prefix, version=_version_param(request))
         return _no_store(Response(TreeSerializer({"project": found.name, "version": version, "files": files}).data))
@@ -369,7 +381,9 @@ IMPORT_ERRORS = {
                 "import where an agent holds a live lock)."),
     413: _error("too_large: the body is over AM_MAX_ARCHIVE_BYTES, a file over AM_MAX_FILE_BYTES, more than "
                 "AM_MAX_ARCHIVE_FILES files, or more than AM_MAX_ARCHIVE_BYTES once unpacked."),
-    415: _error("unsupported_media_type: send application/gzip, application/x-tar or application/zip."),
+    415: _error("unsupported_media_type: send one of the request body's media types (application/gzip, "
+                "application/x-tar, application/zip, or application/octet-stream to have the kind told by the "
+                "first bytes)."),
 }
 
 
@@ -383,12 +397,12 @@ class ArchiveView(APIBase):
         super().initial(request, *args, **kwargs)
 
     @extend_schema(operation_id="download_archive", summary="The tree (now or at a version) as a .tar.gz",
-                   parameters=[VERSION_PARAM, OpenApiParameter("prefix", OpenApiTypes.STR, required=False)],
+                   parameters=[VERSION_PARAM, PREFIX_PARAM],
                    responses={(200, "application/gzip"): OpenApiResponse(OpenApiTypes.BINARY),
                               **BAD_REQUEST, **AUTH_ERRORS, **PROJECT_NOT_FOUND})
     def get(self, request, project: str):
         found = workspace_reads.project_get(name=project)
-        prefix = request.query_params.get("prefix", "")
+        prefix = _prefix_param(request)
         version, chunks = workspace_reads.archive_chunks(project=found, prefix=prefix,
                                                          version=_version_param(request))
         response = StreamingHttpResponse(chunks, content_type="application/gzip")
@@ -401,11 +415,14 @@ class ArchiveView(APIBase):
         summary="Seed the workspace from an archive: every member checked first, then one version, all or none",
         description="People, and agents created with can_submit. An agent sends `X-AM-Fencing`: its live write lock "
                     "must cover every file written (a lock on `into`, or a directory above it). A person's import "
-                    "is refused where an agent holds a live lock. Files not in the archive are kept.",
-        request={"application/gzip": OpenApiTypes.BINARY, "application/x-tar": OpenApiTypes.BINARY,
-                 "application/zip": OpenApiTypes.BINARY},
-        parameters=[OpenApiParameter("into", OpenApiTypes.STR, required=False,
-                                     description="A directory to put every file under (e.g. `vendor/lib/`)."),
+                    "is refused where an agent holds a live lock. Files not in the archive are kept. The body must "
+                    "be a well-formed archive of that media type whose members are regular files with safe paths "
+                    "(else invalid_request or invalid_path naming the `member`): OpenAPI cannot say that of bytes.",
+        request={media_type: OpenApiTypes.BINARY for media_type in ARCHIVE_KINDS},
+        parameters=[OpenApiParameter("into", INTO_SCHEMA, required=False,
+                                     description="A directory to put every file under (e.g. `vendor/lib/`); "
+                                                 "default: the workspace itself. A relative path, without `..` "
+                                                 "parts, control characters or `\\`, else invalid_path."),
                     OpenApiParameter("X-AM-Fencing", OpenApiTypes.INT, OpenApiParameter.HEADER, required=False,
                                      description="Agents: the fencing number of a live write lock of yours covering "
                                                  "`into`.")],

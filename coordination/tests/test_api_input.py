@@ -130,3 +130,38 @@ class QueryParameterTests:
     def test_an_unknown_query_parameter_is_400(self, owner_client):
         body = _assert_error(owner_client.get("/v1/workflows?stauts=running"), 400, "invalid_request")
         assert "stauts" in body["detail"]
+
+    def test_an_empty_name_filter_is_400_as_an_empty_path_is(self, owner_client):
+        # `?project=` names no project: refused like `?path=`, not answered with an empty list.
+        for url in ["/v1/locks?project=", "/v1/locks?agent=", "/v1/workflows?project="]:
+            body = _assert_error(owner_client.get(url), 400, "invalid_request")
+            assert "is empty" in body["detail"], url
+        _assert_error(owner_client.get("/v1/locks?path="), 400, "invalid_path")
+        assert owner_client.get("/v1/locks?project=default&agent=nobody").json() == {"locks": []}
+
+    def test_a_prefix_over_1024_characters_is_400_on_both_listings(self, owner_client):
+        owner_client.post("/v1/projects", {"name": "webapp"}, format="json")
+        for url in ["/v1/projects/webapp/files", "/v1/projects/webapp/archive"]:
+            _assert_error(owner_client.get(f"{url}?prefix={'a' * 1025}"), 400, "invalid_request")
+            assert owner_client.get(f"{url}?prefix={'a' * 1024}").status_code == 200, url
+
+    def test_a_method_the_view_does_not_take_is_405_whatever_the_query(self, owner_client):
+        owner_client.post("/v1/projects", {"name": "webapp"}, format="json")
+        response = owner_client.generic("TRACE", "/v1/projects/webapp/archive?into=")
+        _assert_error(response, 405, "method_not_allowed")
+
+
+class MoneyTests:
+    def test_an_amount_is_rounded_to_its_places_not_refused(self, owner_client):
+        # A float sum such as 0.1 + 0.2 has 17 decimal places; a client should not have to round it itself.
+        body = owner_client.post("/v1/workflows", {"name": "w", "goal": "g", "budget": {"usd": 0.1 + 0.2}},
+                                 format="json")
+        assert body.status_code == 202, body.content
+        assert body.json()["budget"]["usd"] == 0.3
+
+    def test_an_amount_past_its_bound_is_refused_before_rounding(self, owner_client):
+        for usd in [99999999.99995, 1e9, 0.00001]:
+            _assert_error(owner_client.post("/v1/workflows", {"name": "w", "goal": "g", "budget": {"usd": usd}},
+                                            format="json"), 400, "invalid_request")
+        assert owner_client.post("/v1/workflows", {"name": "w", "goal": "g", "budget": {"usd": 99999999.9999}},
+                                 format="json").status_code == 202
