@@ -31,6 +31,11 @@ ROLES_PATTERN = r"^\s*[a-z0-9][a-z0-9_-]{0,63}\s*(?:,\s*[a-z0-9][a-z0-9_-]{0,63}
 INTO_PATTERN = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))(?:[^\x00-\x1f\x7f\\]{0,1023}|[^\x00-\x1f\x7f\\]{1023}/)$"
 # Any query parameter holding NUL is refused (APIBase.initial).
 NO_NUL = r"^[^\x00]*$"
+# PostgreSQL's bigint: a number a column of that type holds (fencing numbers, token budgets); a larger one is
+# refused (400) rather than overflow the column (500).
+BIGINT_MAX = 2**63 - 1
+MAX_FENCING = BIGINT_MAX
+HOLDS_NUL = r"\x00"
 PATH_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": PATH_PATTERN}
 FILE_PATH_SCHEMA = {**PATH_SCHEMA, "pattern": FILE_PATH_PATTERN}
 INTO_SCHEMA = {"type": "string", "maxLength": 1024, "pattern": INTO_PATTERN}
@@ -90,7 +95,9 @@ def _text_rule(field, mapped: dict) -> dict:
         return {}
     if field.trim_whitespace and not field.allow_blank:
         return {"pattern": NOT_BLANK}
-    return {"pattern": NO_NUL}
+    # `not` rather than the pattern NO_NUL: a pattern makes generators draw the text from it, which cannot reach
+    # a negated maxLength of MAX_TEXT (hypothesis refuses a million-character regex draw).
+    return {"not": {"pattern": HOLDS_NUL}}
 
 
 # Answers that hold a project: a link from each to every operation of that project, by `name` (its `id` is
@@ -139,7 +146,7 @@ def postprocess(result, generator, request, public):
                 if parameter["in"] == "path" and parameter["name"] in PATH_PARAMETERS:
                     parameter["schema"] = dict(PATH_PARAMETERS[parameter["name"]])
                 if parameter["in"] == "header" and parameter["name"] == "X-AM-Fencing":
-                    parameter["schema"] = {"type": "integer", "minimum": 1}
+                    parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_FENCING}
                 if parameter["in"] == "header" and parameter["name"] == "If-None-Match" and method == "put":
                     parameter["schema"] = {"type": "string", "enum": ["*"]}
             if operation.get("operationId") in REQUIRED_BODIES:

@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from agents.llm.base import Usage
 from coordination import tracing
-from coordination.api.schema import KEY_SCHEMA, NOT_BLANK, PATH_SCHEMA, PROJECT_SCHEMA, ROLE_SCHEMA, documented
+from coordination.api.schema import BIGINT_MAX, KEY_SCHEMA, NOT_BLANK, PATH_SCHEMA, PROJECT_SCHEMA, ROLE_SCHEMA, documented
 from coordination.models import LockMode
 from coordination.services import leases, pull, reports, workflow_specs
 
@@ -159,7 +159,7 @@ class BudgetSerializer(StrictSerializer):
                            min_value=Decimal("0.0001"), max_value=Decimal("99999999.9999")),
         maximum=99999999.9999, exclusiveMaximum=False, description="Rounded to 4 decimal places.",
     )
-    tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    tokens = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=BIGINT_MAX)
 
 
 class WorkflowInSerializer(StrictSerializer):

@@ -18,7 +18,8 @@ from rest_framework.response import Response
 
 from coordination import selectors, workspace_reads
 from coordination.api import serializers as s
-from coordination.api.schema import FILE_PATH_SCHEMA, INTO_SCHEMA, PREFIX_SCHEMA, PROJECT_SCHEMA, documented
+from coordination.api.schema import (FILE_PATH_SCHEMA, INTO_SCHEMA, MAX_FENCING, PREFIX_SCHEMA, PROJECT_SCHEMA,
+                                     documented)
 from coordination.api.auth import CanSubmit, IsAuthenticated, request_agent
 from coordination.api.views import (AUTH_ERRORS, BAD_REQUEST, MAX_SEQ, TOO_LARGE, APIBase, _error, _int_param,
                                     _no_store)
@@ -102,7 +103,7 @@ class ChangeInSerializer(s.StrictSerializer):
     content_b64 = documented(s.StrictCharField(required=False, allow_blank=True, trim_whitespace=False),
                              pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
     delete = s.StrictBooleanField(required=False, default=False)
-    fencing = s.StrictIntegerField(min_value=1)
+    fencing = s.StrictIntegerField(min_value=1, max_value=MAX_FENCING)
 
     def validate(self, data):
         given = [name for name in ("content", "content_b64") if name in data] + (["delete"] if data["delete"] else [])
@@ -215,8 +216,8 @@ def _fencing(request) -> int | None:
         value = int(raw)
     except ValueError:
         raise InvalidRequest(f"X-AM-Fencing={raw!r} is not a whole number: send the lock's `fencing`.") from None
-    if value < 1:
-        raise InvalidRequest("X-AM-Fencing is a lock's fencing number, 1 or more.")
+    if not 1 <= value <= MAX_FENCING:
+        raise InvalidRequest(f"X-AM-Fencing is a lock's fencing number, 1 to {MAX_FENCING}.")
     return value
 
 

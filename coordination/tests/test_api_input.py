@@ -165,3 +165,15 @@ class MoneyTests:
                                             format="json"), 400, "invalid_request")
         assert owner_client.post("/v1/workflows", {"name": "w", "goal": "g", "budget": {"usd": 99999999.9999}},
                                  format="json").status_code == 202
+
+    def test_a_number_past_a_bigint_is_400_not_a_500(self, owner_client, developer):
+        _assert_error(owner_client.post("/v1/workflows", {"name": "w", "goal": "g", "budget": {"tokens": 2**70}},
+                                        format="json"), 400, "invalid_request")
+        owner_client.post("/v1/projects", {"name": "webapp"}, format="json")
+        response = developer.client().put("/v1/projects/webapp/files/a.txt", b"x", content_type="text/plain",
+                                          HTTP_X_AM_FENCING=str(2**70))
+        _assert_error(response, 400, "invalid_request")
+        response = developer.client().post("/v1/projects/webapp/changes",
+                                           {"changes": [{"path": "a.txt", "content": "x", "fencing": 2**70}]},
+                                           format="json")
+        _assert_error(response, 400, "invalid_request")
