@@ -126,10 +126,13 @@ class Along(Enum):
     DOWNSTREAM = "downstream"  # everything downstream: a failure skips it, a retry reopens it
 
 
+# Which rows `targets` locks: the step, and those along it, as one list of ids, so the step table is read
+# through its primary key (`t.id = X OR t.id IN (...)` cannot use it: it read every step, history included).
 _ALONG_SQL = {
-    Along.NONE: "",
-    Along.DEPENDENTS: "OR t.id IN (SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s)",
-    Along.DOWNSTREAM: "OR t.id IN (SELECT id FROM down)",
+    Along.NONE: "t.id = %(step)s",
+    Along.DEPENDENTS: ("t.id IN (SELECT %(step)s::uuid UNION ALL "
+                       "SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s)"),
+    Along.DOWNSTREAM: "t.id IN (SELECT %(step)s::uuid UNION ALL SELECT id FROM down)",
 }
 
 _DOWNSTREAM_CTE = """down(id) AS (
@@ -144,7 +147,7 @@ _DOWNSTREAM_CTE = """down(id) AS (
 # attempt and, for a report, the answer already given to the same lease (`replay`).
 _LOCKED_STEP_SQL = """
 WITH {recursive}{downstream}targets AS MATERIALIZED (
-    SELECT t.id FROM coordination_step t WHERE t.id = %(step)s {along}
+    SELECT t.id FROM coordination_step t WHERE {along}
     ORDER BY t.id
     FOR UPDATE
 )

@@ -104,3 +104,33 @@ class ReportTests:
         response = report(developer, step_id, token, status="failed", error="impossible", retryable=False)
         assert response.json()["status"] == "failed"
         assert dict(Step.objects.filter(workflow=workflow).values_list("key", "status")) == {"A": "failed", "B": "skipped"}
+
+
+class LockingStatementPlanTests:
+    @pytest.mark.parametrize("along", ["NONE", "DEPENDENTS", "DOWNSTREAM"])
+    def test_the_step_locking_statement_reads_steps_by_id_under_a_large_history(self, along, step, workflow_spec):
+        """Every heartbeat and report locks its step (and those along it) first: never by reading every step."""
+        import re
+        import uuid
+
+        from django.db import connection
+        from django.utils import timezone
+
+        from coordination.models import Step, StepStatus
+        from coordination.services import lock_order, workflow_creation
+
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("C", "B")))
+        Step.objects.bulk_create(
+            [Step(workflow=workflow, key=f"done{i}", name="x", role="developer", status=StepStatus.COMPLETED,
+                  finished_at=timezone.now()) for i in range(20000)],
+            batch_size=5000,
+        )
+        first = Step.objects.get(workflow=workflow, key="A")
+        sql = lock_order.LOCKED_STEP_SQL[(lock_order.Along[along], True)]
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE coordination_step")
+            cursor.execute("EXPLAIN " + sql, {"step": first.id, "hash": "x", "agent": uuid.uuid4()})
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        assert not re.search(r"Seq Scan on coordination_step\s", plan), plan  # (stepdependency is tiny here)
+        locked = lock_order.locked_step(first.id, along=lock_order.Along[along])
+        assert locked.id == first.id
