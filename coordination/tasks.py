@@ -8,7 +8,15 @@ from celery import shared_task
 from django.utils import timezone
 
 from coordination import selectors
-from coordination.services import audits, file_locks, leases, workflow_creation, workflow_specs, workspace
+from coordination.services import (
+    audits,
+    file_locks,
+    leases,
+    workflow_control,
+    workflow_creation,
+    workflow_specs,
+    workspace,
+)
 from coordination.errors import InvalidState, InvalidWorkflow
 from coordination.llm import server_llm
 from coordination.models import Agent, AuditStatus, Workflow, WorkflowStatus
@@ -18,8 +26,10 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="coordination.tasks.sweep_expired", ignore_result=True)
 def sweep_expired() -> dict[str, int]:
-    """Expire leases and file locks past their end (Celery beat, every AM_SWEEP_INTERVAL_S)."""
-    return {"leases": leases.leases_sweep(), "locks": file_locks.locks_sweep()}
+    """Expire leases and file locks past their end, and settle workflows left unsettled (Celery beat, every
+    AM_SWEEP_INTERVAL_S)."""
+    return {"leases": leases.leases_sweep(), "locks": file_locks.locks_sweep(),
+            "workflows": workflow_control.workflows_settle_sweep()}
 
 
 @shared_task(name="coordination.tasks.collect_unused_contents", ignore_result=True)

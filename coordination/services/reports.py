@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from agents.llm.base import Usage  # one definition for workers and server
@@ -42,16 +42,17 @@ from coordination.services.workflow_counters import (
 
 logger = logging.getLogger(__name__)
 
-# A common table expression of both statements that store a `Result`: the reporting agent's kept usage totals
-# (`AgentUsage`). Unreferenced, it runs after the rest of its statement, so the usage row is the last lock
-# taken (see `lock_order`); a person's decision (no agent) adds nothing.
+# A common table expression of the statements that store a `Result` (their CTE `result`): the reporting agent's
+# kept usage totals (`AgentUsage`), added only when the result was stored. Unreferenced, it runs after the rest
+# of its statement, so the usage row is the last lock taken (see `lock_order`); a person's decision (no agent)
+# adds nothing.
 USAGE_CTE = """
 usage AS (
     INSERT INTO coordination_agentusage AS u (agent_id, prompt_tokens, completion_tokens, cost_usd, steps_completed,
                                               steps_failed, updated_at)
     SELECT %(agent)s::uuid, %(prompt_tokens)s, %(completion_tokens)s, %(usd)s, %(n_completed)s, 1 - %(n_completed)s,
            %(now)s
-    WHERE %(agent)s::uuid IS NOT NULL
+    FROM result WHERE %(agent)s::uuid IS NOT NULL
     ON CONFLICT (agent_id) DO UPDATE
     SET prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens,
@@ -137,22 +138,138 @@ FROM workflow, settled, attempt, step, result
 """
 
 
-def _complete_sql(from_status: str) -> str:
+def _completion_sql(template: str, from_status: str) -> str:
     deltas = {STEP_COUNTER_FIELDS[from_status]: "- 1", STEP_COUNTER_FIELDS[StepStatus.COMPLETED]: "+ 1"}
     for status, sign in ((StepStatus.PENDING, "-"), (StepStatus.READY, "+")):
         column = STEP_COUNTER_FIELDS[status]
         deltas[column] = f"{deltas.get(column, '')} {sign} ready.n_released".strip()
-    return _COMPLETE_SQL.format(
+    return template.format(
         counter_sets=", ".join(f"{column} = w.{column} {delta}" for column, delta in deltas.items()),
         counter_columns=", ".join(f"w.{column}" for column in COUNTER_COLUMNS),
         settled_status=SETTLED_STATUS_SQL,
         ready_channel=notify.STEP_READY,
+        locks_channel=notify.LOCKS,
         usage_cte=USAGE_CTE.strip(),
     )
 
 
 # A report completes an `in_progress` step; a person's approval completes a `ready` one.
-COMPLETE_SQL = {status: _complete_sql(status) for status in (StepStatus.IN_PROGRESS, StepStatus.READY)}
+COMPLETE_SQL = {status: _completion_sql(_COMPLETE_SQL, status) for status in (StepStatus.IN_PROGRESS, StepStatus.READY)}
+
+
+# Plain SQL, the whole of a completed report in one statement run on its own (no BEGIN, no COMMIT: one round
+# trip, and the workflow row is held only while it runs). `targets` locks the step and its dependents in id
+# order (lock order rule 2), as `lock_order.locked_step` does; every write below is joined to `step`, the
+# UPDATE that applies only while the sender holds a live lease on it (re-checked on the row's newest version
+# if another transaction changed it meanwhile), so when the lease check fails nothing at all is written, no
+# row comes back, and `step_report` takes the full path (a repeated report's answer, a stale lease, a 403).
+# Then, as in `_COMPLETE_SQL`: the attempt and its reasoning iterations, the dependents it releases (with their
+# NOTIFY), its file locks (with theirs, and one `locks.released` event per holder), the workflow's counters,
+# spend and event numbers, the events, the `Result` with the answer a repeated report gets, and the agent's
+# usage (the last lock).
+_REPORT_COMPLETED_SQL = """
+WITH targets AS MATERIALIZED (
+    SELECT t.id FROM coordination_step t
+    WHERE t.id IN (SELECT %(step)s::uuid UNION ALL
+                   SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s)
+    ORDER BY t.id
+    FOR UPDATE
+), step AS (
+    UPDATE coordination_step s
+    SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
+        finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
+        updated_at = %(now)s
+    WHERE s.id = %(step)s AND s.status = 'in_progress' AND s.lease_agent_id = %(agent)s
+      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s AND EXISTS (SELECT 1 FROM targets)
+    RETURNING s.id, s.key, s.role, s.workflow_id
+), attempt AS (
+    -- The attempt whose lease token this is: the step's current one (the grant stores both hashes together).
+    UPDATE coordination_attempt a SET ended_at = %(now)s, outcome = 'completed'
+    FROM step
+    WHERE a.step_id = step.id AND a.lease_token_hash = %(hash)s AND a.agent_id = %(agent)s
+    RETURNING a.id, a.number, a.started_at
+), iterations AS (
+    INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
+    SELECT attempt.id, u.i, u.t, u.a, u.o, statement_timestamp()
+    FROM attempt, unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[])
+         AS u(i, t, a, o)
+    ON CONFLICT (attempt_id, "index") DO NOTHING
+), released AS (
+    UPDATE coordination_step s
+    SET remaining_deps = s.remaining_deps - 1,
+        status = CASE WHEN s.remaining_deps = 1 THEN 'ready' ELSE s.status END,
+        available_at = CASE WHEN s.remaining_deps = 1 THEN %(now)s ELSE s.available_at END,
+        updated_at = %(now)s
+    FROM coordination_stepdependency e, step
+    WHERE e.depends_on_id = step.id AND s.id = e.step_id AND s.status = 'pending'
+    RETURNING s.key, s.status, s.role
+), ready AS (
+    SELECT coalesce(array_agg(key ORDER BY key), '{{}}') AS released_keys, count(*) AS n_released,
+           coalesce((SELECT array_agg(role || ':' || n) FROM (SELECT role, count(*) AS n FROM released
+                                                               WHERE status = 'ready' GROUP BY role) AS per_role),
+                    '{{}}') AS released_roles
+    FROM released WHERE status = 'ready'
+), locks AS (
+    UPDATE coordination_filelock l
+    SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = 'completed'
+    FROM step
+    WHERE l.step_id = step.id AND l.released_at IS NULL
+    RETURNING l.project_id, l.agent_id, l.path, l.mode, l.fencing
+), lock_groups AS (
+    -- One `locks.released` event per holder, as `file_locks.record_locks_released` records them.
+    SELECT agent_id, row_number() OVER (ORDER BY agent_id) AS n,
+           jsonb_agg(jsonb_build_object('path', path, 'mode', mode, 'fencing', fencing) ORDER BY path) AS locks
+    FROM locks GROUP BY agent_id
+), locks_done AS (
+    SELECT count(*) AS n FROM lock_groups
+), workflow AS (
+    -- Joined with `locks_done`, so the step's file locks are taken before the workflow row (the lock order).
+    UPDATE coordination_workflow w
+    SET event_seq = event_seq + 1 + (ready.n_released > 0)::int + locks_done.n, {counter_sets},
+        spent_usd = spent_usd + %(usd)s, spent_tokens = spent_tokens + %(tokens)s, updated_at = statement_timestamp()
+    FROM ready, locks_done, step
+    WHERE w.id = step.workflow_id
+    RETURNING w.id, w.event_seq - (ready.n_released > 0)::int - locks_done.n AS first_seq, w.event_seq, w.status,
+              w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens, {counter_columns},
+              ready.released_keys, ready.released_roles, ready.n_released
+), settled AS (
+    SELECT {settled_status} AS status FROM workflow w
+), events AS (
+    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+    SELECT w.id, w.first_seq, 'step.completed', step.id, %(agent)s::uuid,
+           jsonb_build_object('step', step.key, 'agent', %(agent_name)s::text, 'attempt', attempt.number,
+                              'status', 'completed'), %(now)s
+    FROM workflow w, step, attempt
+    UNION ALL
+    SELECT w.id, w.first_seq + 1, 'steps.released', NULL, NULL,
+           jsonb_build_object('steps', to_jsonb(w.released_keys), 'by', step.key), %(now)s
+    FROM workflow w, step WHERE w.n_released > 0
+    UNION ALL
+    SELECT w.id, w.first_seq + (w.n_released > 0)::int + g.n, 'locks.released', step.id, g.agent_id,
+           jsonb_build_object('reason', 'completed', 'locks', g.locks), %(now)s
+    FROM workflow w, step, lock_groups g
+    RETURNING id, seq, kind, step_id, agent_id, data
+), result AS (
+    INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error, retryable, model,
+                                     prompt_tokens, completion_tokens, cost_usd, execution_time_s, response, created_at)
+    SELECT %(result)s, attempt.id, step.id, 'completed', %(final_result)s, %(outputs)s::jsonb, '', false, %(model)s,
+           %(prompt_tokens)s, %(completion_tokens)s, %(usd)s, %(execution_time_s)s,
+           jsonb_build_object('step_id', step.id::text, 'status', 'completed', 'workflow_status', settled.status,
+                              'released', to_jsonb(w.released_keys)),
+           %(now)s
+    FROM workflow w, settled, step, attempt
+    RETURNING id
+), {usage_cte}
+SELECT w.*, settled.status AS settled_status, step.key AS step_key, step.role AS step_role,
+       attempt.id AS attempt_id, attempt.number AS attempt_number, attempt.started_at AS attempt_started_at,
+       (SELECT count(pg_notify('{ready_channel}', r)) FROM unnest(w.released_roles) AS r) AS ready_notified,
+       (SELECT count(pg_notify('{locks_channel}', p)) FROM (SELECT DISTINCT project_id::text AS p FROM locks) AS lp)
+           AS locks_notified,
+       (SELECT json_agg(json_build_object('id', id, 'seq', seq, 'kind', kind, 'step_id', step_id,
+                                          'agent_id', agent_id, 'data', data) ORDER BY seq) FROM events) AS events
+FROM workflow w, settled, step, attempt, result
+"""
+REPORT_COMPLETED_SQL = _completion_sql(_REPORT_COMPLETED_SQL, StepStatus.IN_PROGRESS)
 
 # Plain SQL: a finished step's `Result` and its events (from arrays) in one round trip.
 EVENTS_AND_RESULT_SQL = """
@@ -194,6 +311,10 @@ def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outco
     nothing. The work done depends on the step's own dependents, never on the
     size of the workflow.
     """
+    if outcome.status == StepStatus.COMPLETED:
+        answer = _report_completed_at_once(step_id=step_id, agent=agent, lease_token=lease_token, outcome=outcome)
+        if answer is not None:
+            return answer
     try:
         return _step_report(step_id=step_id, agent=agent, lease_token=lease_token, outcome=outcome)
     except StaleLease as exc:
@@ -205,6 +326,64 @@ def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outco
                                        data={"step": step.key, "status": outcome.status, "agent": agent.name,
                                              "step_status": exc.extra.get("step_status")})
         raise
+
+
+def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any] | None:
+    """A completed report from the live lease's holder, applied by one statement (`REPORT_COMPLETED_SQL`).
+
+    The common case of a report costs one round trip and no transaction of its own.
+    None when it did not apply (not the live lease's holder, a repeated report, or
+    PostgreSQL refused it for a conflict): nothing was written, and the caller takes
+    the full path, which tells those cases apart. Settling the workflow (finished,
+    or paused over its budget) is rare and follows in a transaction of its own,
+    decided again there from the counters (`workflow_control.workflow_settle`; the
+    sweep settles a workflow whose process died in between).
+    """
+    now = timezone.now()
+    usage = outcome.usage
+    iterations = list({it.index: it for it in outcome.iterations}.values())
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(REPORT_COMPLETED_SQL, {
+                "now": now, "step": step_id, "agent": agent.id, "agent_name": agent.name,
+                "hash": tokens.token_hash(lease_token or ""), "result": uuid4(),
+                "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
+                "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "execution_time_s": outcome.execution_time_s, "n_completed": 1,
+                "indexes": [it.index for it in iterations], "thoughts": [it.thought for it in iterations],
+                "actions": [it.action for it in iterations], "observations": [it.observation for it in iterations],
+            })
+            row = rows.fetch_named(cursor)
+    except OperationalError as exc:
+        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
+            raise
+        return None  # rolled back whole; the full path retries it
+    if row is None:
+        return None
+    workflow_id = row["id"]
+    snapshot = WorkflowSnapshot.from_row(workflow_id, row, events=row["event_seq"] - row["first_seq"] + 1)
+    released = list(row["released_keys"])
+    for item in rows.json_value(row["events"]):
+        event = Event(id=item["id"], workflow_id=workflow_id, seq=item["seq"], kind=item["kind"],
+                      step_id=item["step_id"], agent_id=item["agent_id"], data=item["data"], at=now)
+        event._state.adding = False
+        event_published(event)
+    answer_status, _ = workflow_after(snapshot)
+    response = {"step_id": str(step_id), "status": StepStatus.COMPLETED, "workflow_status": answer_status,
+                "released": released}
+    if row["settled_status"] != answer_status:
+        # As in `finish_step`: `SETTLED_STATUS_SQL` must agree with `workflow_after` (a test pins them together).
+        logger.error("Stored workflow status %s differs from %s for step %s; correcting the stored answer.",
+                     row["settled_status"], answer_status, step_id)
+        Result.objects.filter(attempt_id=row["attempt_id"]).update(response=response)
+    step = Step(id=step_id, workflow_id=workflow_id, key=row["step_key"], role=row["step_role"])
+    attempt = Attempt(id=row["attempt_id"], step_id=step_id, agent_id=agent.id, number=row["attempt_number"],
+                      started_at=row["attempt_started_at"], ended_at=now, outcome=AttemptOutcome.COMPLETED)
+    tracing.attempt_ended(step=step, attempt=attempt, agent_name=agent.name)
+    if answer_status != snapshot.status:
+        workflow_control.workflow_settle(workflow_id=workflow_id)
+    return response
 
 
 @lock_order.retrying

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from coordination import notify, rows, tracing
@@ -25,7 +25,15 @@ from coordination.models import (
 )
 from coordination.services import event_log, file_locks, lock_order
 from coordination.services.lock_order import Along, RetryTransaction
-from coordination.services.workflow_counters import actor, add, new_event, workflow_move
+from coordination.services.workflow_counters import (
+    WorkflowSnapshot,
+    actor,
+    add,
+    new_event,
+    settle_workflow,
+    workflow_after,
+    workflow_move,
+)
 
 MAX_NAME = 200
 PRIORITY_MAX = 1_000_000
@@ -225,3 +233,39 @@ def workflow_delete(*, workflow_id: UUID, user: AbstractBaseUser | None = None) 
             "status": workflow.status, "total_steps": workflow.total_steps, **actor(user, None)}
     workflow.delete()
     event_log.event_record(kind="workflow.deleted", data=data)
+
+
+@lock_order.retrying
+def workflow_settle(*, workflow_id: UUID) -> str:
+    """Finish a workflow nothing more can run in, or pause it over its budget, as its counters say now.
+
+    A report applied on its own (`reports.step_report`'s one statement) settles
+    its workflow here, in a transaction of its own right after; the decision is
+    taken again under the workflow's lock, so a change that committed in between
+    (another report, a rework) is taken into account, and settling twice is
+    harmless. Returns the workflow's status.
+    """
+    workflow = lock_order.lock_workflow(workflow_id)
+    snapshot = WorkflowSnapshot.of(workflow)
+    status, pause_reason = workflow_after(snapshot)
+    if status == snapshot.status:
+        return status
+    if pause_reason:
+        return workflow_pause(workflow_id=workflow_id, reason=pause_reason).status
+    return settle_workflow(snapshot)
+
+
+# Running or paused workflows whose counters say they have settled: nothing ready or in progress (finished),
+# or running past a budget (to pause).
+_UNSETTLED = (
+    Q(status__in=[WorkflowStatus.RUNNING, WorkflowStatus.PAUSED], n_ready=0, n_in_progress=0)
+    | Q(status=WorkflowStatus.RUNNING, budget_usd__isnull=False, spent_usd__gte=F("budget_usd"))
+    | Q(status=WorkflowStatus.RUNNING, budget_tokens__isnull=False, spent_tokens__gte=F("budget_tokens"))
+)
+
+
+def workflows_settle_sweep(*, limit: int = 100) -> int:
+    """Settle workflows a report left unsettled (its process ended between its statement and `workflow_settle`),
+    each in its own transaction (Celery beat, with the lease sweep). Returns how many changed status."""
+    ids = list(Workflow.objects.filter(_UNSETTLED).order_by("updated_at").values_list("id", "status")[:limit])
+    return sum(1 for workflow_id, status in ids if workflow_settle(workflow_id=workflow_id) != status)

@@ -81,6 +81,22 @@ class WorkflowSnapshot:
             budget_tokens=row["budget_tokens"],
         )
 
+    @classmethod
+    def of(cls, workflow: Workflow) -> WorkflowSnapshot:
+        """The snapshot of a workflow row as read (no event numbers allocated)."""
+        return cls(
+            id=workflow.id,
+            status=workflow.status,
+            total_steps=workflow.total_steps,
+            counts={status: getattr(workflow, column) for status, column in STEP_COUNTER_FIELDS.items()},
+            first_seq=workflow.event_seq + 1,
+            last_seq=workflow.event_seq,
+            spent_usd=workflow.spent_usd,
+            spent_tokens=workflow.spent_tokens,
+            budget_usd=workflow.budget_usd,
+            budget_tokens=workflow.budget_tokens,
+        )
+
     def budget_exceeded(self) -> str:
         """Why the spend has reached the budget, or '' while it has not."""
         if self.budget_usd is not None and self.spent_usd >= self.budget_usd:

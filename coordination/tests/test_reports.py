@@ -1,13 +1,19 @@
 """Reports: a result completes the step and releases dependents; failures back off, fail for good, and are retried."""
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from coordination.models import Event, Result, Step
-from coordination.services import workflow_control, workflow_creation
-from coordination.tests.agent_calls import pull, report
+from agents.llm.base import Usage
+from coordination import tasks
+from coordination.models import AgentUsage, Attempt, Event, FileLock, Result, Step
+from coordination.services import reports, workflow_control, workflow_creation
+from coordination.services.leases import IterationIn
+from coordination.tests.agent_calls import acquire, pull, report
 
 pytestmark = pytest.mark.django_db
 
@@ -134,3 +140,101 @@ class LockingStatementPlanTests:
         assert not re.search(r"Seq Scan on coordination_step\s", plan), plan  # (stepdependency is tiny here)
         locked = lock_order.locked_step(first.id, along=lock_order.Along[along])
         assert locked.id == first.id
+
+
+def _outcome(**fields) -> reports.Outcome:
+    return reports.Outcome(status="completed", final_result="done", **fields)
+
+
+class OneStatementReportTests:
+    """The common report (completed, by the live lease's holder) is one statement; the rest follows the full path."""
+
+    def test_a_completed_report_is_one_statement_that_changes_everything_it_should(self, developer, step,
+                                                                                  workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("C")))
+        step_id, token = pull(developer)
+        outcome = _outcome(outputs={"k": 1}, execution_time_s=2.0,
+                           iterations=[IterationIn(index=1, thought="t", action="a", observation="o"),
+                                       IterationIn(index=2, thought="t2", action="finish")],
+                           usage=Usage(model="m", prompt_tokens=7, completion_tokens=3, cost_usd=Decimal("0.25")))
+        with CaptureQueriesContext(connection) as queries:
+            answer = reports.step_report(step_id=step_id, agent=developer.agent, lease_token=token, outcome=outcome)
+        assert len(queries) == 1, [query["sql"][:80] for query in queries]
+        assert answer == {"step_id": step_id, "status": "completed", "workflow_status": "running", "released": ["B"]}
+        a = Step.objects.get(id=step_id)
+        assert (a.status, a.final_result, a.outputs, a.lease_agent_id, a.lease_attempt_id) == (
+            "completed", "done", {"k": 1}, None, None)
+        attempt = Attempt.objects.get(step_id=step_id)
+        assert (attempt.outcome, attempt.ended_at is not None) == ("completed", True)
+        assert list(attempt.iterations.order_by("index").values_list("index", "observation")) == [(1, "o"), (2, "")]
+        assert Step.objects.get(workflow=workflow, key="B").status == "ready"
+        result = Result.objects.get(step_id=step_id)
+        assert (result.response, result.cost_usd, result.execution_time_s) == (answer, Decimal("0.25"), 2.0)
+        usage = AgentUsage.objects.get(agent=developer.agent)
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.steps_completed) == (7, 3, 1)
+        workflow.refresh_from_db()
+        assert (workflow.n_completed, workflow.n_ready, workflow.n_pending, workflow.n_in_progress) == (1, 2, 0, 0)
+        assert (workflow.spent_usd, workflow.spent_tokens) == (Decimal("0.25"), 10)
+        events = list(Event.objects.filter(workflow=workflow).order_by("seq").values_list("seq", "kind", "data"))
+        assert [kind for _, kind, _ in events][-2:] == ["step.completed", "steps.released"]
+        assert [seq for seq, _, _ in events] == list(range(1, len(events) + 1))
+        assert events[-2][2] == {"step": "A", "agent": "dev-1", "attempt": 1, "status": "completed"}
+        assert events[-1][2] == {"steps": ["B"], "by": "A"}
+        assert workflow.event_seq == events[-1][0]
+
+    def test_it_releases_the_steps_locks_with_their_event_after_the_steps_own(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
+            step("A", files=(("src/a.py", "write"), ("spec.md", "read"))), step("B", "A")))
+        step_id, token = pull(developer)
+        fencing = dict(FileLock.objects.filter(step_id=step_id).values_list("path", "fencing"))
+        assert report(developer, step_id, token).status_code == 200
+        assert not FileLock.objects.filter(step_id=step_id, released_at__isnull=True).exists()
+        assert set(FileLock.objects.filter(step_id=step_id).values_list("release_reason", flat=True)) == {"completed"}
+        kinds = list(Event.objects.filter(workflow=workflow).order_by("seq").values_list("kind", "data"))
+        assert [kind for kind, _ in kinds][-3:] == ["step.completed", "steps.released", "locks.released"]
+        assert kinds[-1][1] == {"reason": "completed", "locks": [
+            {"path": "spec.md", "mode": "read", "fencing": fencing["spec.md"]},
+            {"path": "src/a.py", "mode": "write", "fencing": fencing["src/a.py"]}]}
+        # Another agent can take the write lock at once.
+        assert acquire(developer, ["src/a.py"])
+
+    def test_a_report_after_the_lease_ran_out_writes_nothing_but_its_refusal(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        step_id, token = pull(developer)
+        Step.objects.filter(id=step_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        events = Event.objects.filter(workflow=workflow).count()
+        response = report(developer, step_id, token, usage={"model": "m", "prompt_tokens": 5, "completion_tokens": 5})
+        assert response.status_code == 409 and response.json()["error"] == "stale_lease"
+        assert Step.objects.get(id=step_id).status == "in_progress"
+        assert not Result.objects.exists() and not AgentUsage.objects.filter(agent=developer.agent).exists()
+        assert list(Event.objects.filter(workflow=workflow).values_list("kind", flat=True)[events:]) == [
+            "step.stale_report"]
+        workflow.refresh_from_db()
+        assert (workflow.n_in_progress, workflow.n_completed, workflow.spent_tokens) == (1, 0, 0)
+
+    def test_it_pauses_a_workflow_its_spend_takes_over_budget(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"),
+                                                                        budget_usd=Decimal("0.10")))
+        step_id, token = pull(developer)
+        answer = report(developer, step_id, token,
+                        usage={"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.5}).json()
+        assert answer["workflow_status"] == "paused"
+        workflow.refresh_from_db()
+        assert workflow.status == "paused" and workflow.paused_reason.startswith("budget: spent $0.5000")
+        assert Event.objects.filter(workflow=workflow, kind="workflow.paused").count() == 1
+
+    def test_a_workflow_left_unsettled_by_a_dead_reporter_is_settled_by_the_sweep(self, developer, monkeypatch,
+                                                                                 step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        step_id, token = pull(developer)
+        # The reporting process dies between its statement and settling the workflow.
+        monkeypatch.setattr(reports.workflow_control, "workflow_settle", lambda **kwargs: None)
+        assert report(developer, step_id, token).json()["workflow_status"] == "completed"
+        workflow.refresh_from_db()
+        assert workflow.status == "running" and workflow.n_completed == 1
+        monkeypatch.undo()
+        assert tasks.sweep_expired()["workflows"] == 1
+        workflow.refresh_from_db()
+        assert (workflow.status, workflow.audit_status) == ("completed", "pending")
+        assert Event.objects.filter(workflow=workflow, kind="workflow.completed").count() == 1
+        assert tasks.sweep_expired()["workflows"] == 0
