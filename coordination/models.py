@@ -60,6 +60,10 @@ class Agent(models.Model):
     enabled = models.BooleanField(default=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Bumped by every pull, under the row's lock: a pull done in one statement compares the value it locked
+    # with the one its snapshot saw, to know that no other pull of this agent committed in between (and so
+    # that the steps it counts as held are all of them). See `coordination.services.pull`.
+    pull_seq = models.BigIntegerField(default=0, editable=False)
 
     class Meta:
         ordering = ["name"]

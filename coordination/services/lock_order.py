@@ -106,8 +106,9 @@ def retrying(function: Callable[..., T]) -> Callable[..., T]:
 
 # --- 1. agents -------------------------------------------------------------------
 
-# Plain SQL: the pull's first statement, on every pull; nothing to read back.
-LOCK_AGENT_SQL = "SELECT 1 FROM coordination_agent WHERE id = %(agent)s FOR UPDATE"
+# Plain SQL: the first statement of a pull in a transaction; nothing to read back. It bumps `pull_seq`, as a
+# pull in one statement does, so that such a pull learns that this one committed leases it did not count.
+LOCK_AGENT_SQL = "UPDATE coordination_agent SET pull_seq = pull_seq + 1 WHERE id = %(agent)s"
 
 
 def lock_agent(agent_id: UUID) -> None:
@@ -145,6 +146,8 @@ _DOWNSTREAM_CTE = """down(id) AS (
 # `targets` locks the step and the steps it may change, in id order; the outer query locks the step
 # again (already ours, so at once) to read its newest version, with its workflow, its current
 # attempt and, for a report, the answer already given to the same lease (`replay`).
+# `targets` is read whole (`count(*)`): a CTE runs only as far as its reader reads, so `EXISTS` would lock
+# the first row alone and leave the others to later statements, in no set order (a test pins this).
 _LOCKED_STEP_SQL = """
 WITH {recursive}{downstream}targets AS MATERIALIZED (
     SELECT t.id FROM coordination_step t WHERE {along}
@@ -155,7 +158,7 @@ SELECT {step_columns}, {workflow_columns}, {attempt_columns}, {replay} AS replay
 FROM coordination_step s
 JOIN coordination_workflow w ON w.id = s.workflow_id
 LEFT JOIN coordination_attempt a ON a.id = s.lease_attempt_id
-WHERE s.id = %(step)s AND EXISTS (SELECT 1 FROM targets)
+WHERE s.id = %(step)s AND (SELECT count(*) FROM targets) > 0
 FOR UPDATE OF s
 """
 _REPLAY_SQL = """(

@@ -12,9 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
-from uuid import UUID
+from uuid import UUID, uuid4
 
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from coordination import notify, rows
@@ -127,6 +127,101 @@ RETURNING id AS event_id, seq, (SELECT started_at FROM step) AS started_at
 """
 
 
+# Plain SQL, a whole pull in one statement run on its own (no BEGIN, no COMMIT: one round trip). In order:
+# 1. the agent's row is locked by bumping its `pull_seq`, and `fresh` says whether the value locked is the one
+#    this statement's snapshot saw: if another pull of the agent committed in between, the steps counted as
+#    held below (read in the snapshot) may miss its leases, so nothing is claimed and the caller pulls again
+#    in a transaction (`_steps_pull_locked`, which locks the agent first and counts after);
+# 2. the claim, as `_CLAIM_SQL` (gated on `fresh`, so it runs after the agent's lock);
+# 3. when no claimed step declares files (their locks need `file_locks`' decisions, made in Python), the
+#    grant of every claimed step, as `GRANT_SQL` does one: attempts (their ids and token hashes made by the
+#    caller, one per position `i` in best-first order), the steps' leases, each workflow's counters and
+#    event numbers (its rows locked in id order first: lock order rule 6), and the `step.leased` events.
+# With nothing claimed it still answers one row: `fresh` and the steps held.
+_PULL_AT_ONCE_SQL = f"""
+WITH snap AS (
+    SELECT pull_seq FROM coordination_agent WHERE id = %(agent)s
+), agent AS (
+    UPDATE coordination_agent a SET pull_seq = a.pull_seq + 1 WHERE a.id = %(agent)s
+    RETURNING a.pull_seq = (SELECT pull_seq FROM snap) + 1 AS fresh
+), held AS (
+    SELECT count(*) AS n FROM coordination_step WHERE lease_agent_id = %(agent)s AND status = 'in_progress'
+), key_used AS (
+    -- A retried Idempotency-Key whose first pull committed after the caller looked: its leases are answered by
+    -- `_steps_pull_locked` (a commit after this snapshot makes `fresh` false anyway).
+    SELECT %(key)s <> '' AND EXISTS (SELECT 1 FROM coordination_attempt
+                                     WHERE agent_id = %(agent)s AND idempotency_key = %(key)s) AS used
+), claimed AS MATERIALIZED (
+    SELECT c.*, row_number() OVER (ORDER BY c.s__workflow_priority DESC, c.s__priority DESC, c.s__available_at,
+                                            c.s__id) AS i
+    FROM (
+        SELECT {rows.select_list(Step, "s")},
+               w.name AS workflow_name, w.project_id AS project_id, p.name AS project_name,
+               (SELECT coalesce(json_agg(json_build_array(d.key, d.final_result, d.outputs) ORDER BY d.key), '[]')
+                FROM coordination_stepdependency e JOIN coordination_step d ON d.id = e.depends_on_id
+                WHERE e.step_id = s.id) AS dep_results
+        FROM coordination_step s
+        JOIN coordination_workflow w ON w.id = s.workflow_id
+        JOIN coordination_project p ON p.id = w.project_id
+        WHERE (SELECT fresh FROM agent) AND NOT (SELECT used FROM key_used)
+          AND s.status = 'ready' AND {{role_condition}} AND s.role <> 'human' AND s.available_at <= %(now)s
+          AND w.status = 'running'
+        ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
+        LIMIT (SELECT greatest(least(%(count)s, %(capacity)s - held.n), 0) FROM held)
+        FOR UPDATE OF s SKIP LOCKED
+    ) AS c
+), grants AS MATERIALIZED (
+    SELECT c.s__id AS step_id, c.s__workflow_id AS workflow_id, c.s__key AS key, c.i, c.s__attempt + 1 AS number,
+           (%(attempts)s::uuid[])[c.i] AS attempt_id, (%(hashes)s::text[])[c.i] AS hash,
+           %(now)s::timestamptz + make_interval(secs => c.s__lease_ttl_s) AS expires_at
+    FROM claimed c
+    WHERE NOT EXISTS (SELECT 1 FROM claimed f WHERE f.s__files <> '[]'::jsonb)
+), attempts AS (
+    INSERT INTO coordination_attempt (id, step_id, agent_id, number, lease_token_hash, idempotency_key, started_at,
+                                      expires_at, ended_at, outcome)
+    SELECT g.attempt_id, g.step_id, %(agent)s, g.number, g.hash, %(key)s, %(now)s, g.expires_at, NULL, ''
+    FROM grants g
+    RETURNING id
+), leased AS (
+    UPDATE coordination_step s
+    SET status = 'in_progress', attempt = g.number, lease_agent_id = %(agent)s, lease_token_hash = g.hash,
+        lease_expires_at = g.expires_at, lease_attempt_id = g.attempt_id, started_at = coalesce(s.started_at, %(now)s),
+        updated_at = %(now)s
+    FROM grants g
+    WHERE s.id = g.step_id AND EXISTS (SELECT 1 FROM attempts)
+    RETURNING s.id, s.started_at
+), workflows_locked AS MATERIALIZED (
+    SELECT w.id FROM coordination_workflow w WHERE w.id IN (SELECT workflow_id FROM grants) ORDER BY w.id FOR UPDATE
+), workflows AS (
+    UPDATE coordination_workflow w
+    SET event_seq = w.event_seq + n.n, n_ready = w.n_ready - n.n, n_in_progress = w.n_in_progress + n.n,
+        updated_at = statement_timestamp()
+    FROM (SELECT workflow_id, count(*) AS n FROM grants GROUP BY workflow_id) AS n
+    WHERE w.id = n.workflow_id AND (SELECT count(*) FROM workflows_locked) > 0
+    RETURNING w.id, w.event_seq - n.n AS seq_before
+), events AS (
+    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+    SELECT g.workflow_id, w.seq_before + row_number() OVER (PARTITION BY g.workflow_id ORDER BY g.i), 'step.leased',
+           g.step_id, %(agent)s,
+           jsonb_build_object('step', g.key, 'agent', %(agent_name)s::text, 'attempt', g.number,
+                              'expires_at', to_char(g.expires_at AT TIME ZONE 'UTC', %(iso_format)s)),
+           %(now)s
+    FROM grants g JOIN workflows w ON w.id = g.workflow_id
+    RETURNING id, seq, step_id, data
+)
+SELECT agent.fresh AND NOT key_used.used AS fresh, held.n AS held, c.*, g.attempt_id, g.number, g.expires_at,
+       l.started_at AS leased_started_at, e.id AS event_id, e.seq AS event_seq, e.data AS event_data
+FROM agent CROSS JOIN held CROSS JOIN key_used
+LEFT JOIN claimed c ON true
+LEFT JOIN grants g ON g.step_id = c.s__id
+LEFT JOIN leased l ON l.id = c.s__id
+LEFT JOIN events e ON e.step_id = c.s__id
+ORDER BY c.i
+"""
+PULL_AT_ONCE_ONE_ROLE_SQL = _PULL_AT_ONCE_SQL.format(role_condition="s.role = %(role)s")
+PULL_AT_ONCE_ROLES_SQL = _PULL_AT_ONCE_SQL.format(role_condition="s.role = ANY(%(roles)s::text[])")
+
+
 def parse_pull_roles(raw: str) -> list[str]:
     """The roles of a pull or a listing (`"developer,tester"`): slugs, de-duplicated, order kept."""
     return agent_registry.parse_roles(raw, registering=False)
@@ -175,7 +270,6 @@ def step_pull(*, agent: Agent, roles: list[str], idempotency_key: str = "") -> L
     return result[0] if isinstance(result, list) else result
 
 
-@lock_order.retrying
 def steps_pull(*, agent: Agent, roles: list[str], count: int = 1, idempotency_key: str = "") -> list[Lease] | PullMiss:
     """Lease up to `count` of the best ready steps of `roles` to `agent`, atomically, best first.
 
@@ -188,13 +282,90 @@ def steps_pull(*, agent: Agent, roles: list[str], count: int = 1, idempotency_ke
        another claimed in its place, up to `MAX_LOCK_BLOCKED_CANDIDATES`).
     4. Each step moves to `in_progress` under a new `Attempt`; counters and the
        event log follow in the same transaction.
+
+    The common pull (no declared files among the steps claimed, no other pull of
+    the agent committing meanwhile) is one statement (`_pull_at_once`); the others
+    run in a transaction (`_steps_pull_locked`).
     """
     agent_registry.check_roles(agent, roles)
     if idempotency_key:
         previous = _leases_of_key(agent=agent, idempotency_key=idempotency_key)
         if previous is not None:
             return previous[:count]
+    result = _pull_at_once(agent=agent, roles=roles, count=count, idempotency_key=idempotency_key)
+    if result is not None:
+        return result
+    return _steps_pull_locked(agent=agent, roles=roles, count=count, idempotency_key=idempotency_key)
+
+
+def _pull_at_once(*, agent: Agent, roles: list[str], count: int, idempotency_key: str) -> list[Lease] | PullMiss | None:
+    """A pull in one statement (`PULL_AT_ONCE_SQL`), or None when it could not decide alone and wrote nothing
+    but the agent's `pull_seq`: another pull of the agent committed meanwhile, a claimed step declares files,
+    the Idempotency-Key was used meanwhile, or PostgreSQL refused the statement for a conflict."""
+    now = timezone.now()
+    count = min(count, agent.capacity)
+    attempt_ids = [uuid4() for _ in range(count)]
+    lease_tokens = [tokens.lease_token_for(attempt_id) for attempt_id in attempt_ids]
+    hashes = [tokens.token_hash(token) for token in lease_tokens]
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(PULL_AT_ONCE_ONE_ROLE_SQL if len(roles) == 1 else PULL_AT_ONCE_ROLES_SQL, {
+                "agent": agent.id, "agent_name": agent.name, "capacity": agent.capacity, "count": count,
+                "role": roles[0], "roles": roles, "now": now, "key": idempotency_key,
+                "attempts": attempt_ids, "hashes": hashes,
+                "iso_format": _ISO_FORMAT if now.microsecond else _ISO_FORMAT_WHOLE_SECONDS,
+            })
+            claimed = rows.fetch_all_named(cursor)
+    except OperationalError as exc:
+        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
+            raise
+        return None
+    if not claimed or not claimed[0]["fresh"]:
+        return None  # (no row: the agent's row is gone; the transaction's path says what that means)
+    first = claimed[0]
+    claimed = [row for row in claimed if row["s__id"] is not None]
+    if not claimed:
+        if first["held"] >= agent.capacity:
+            raise AtCapacity(
+                f"Agent {agent.name!r} holds {first['held']} step(s), its capacity; report or hand back one before "
+                "pulling another.",
+                held=first["held"],
+                capacity=agent.capacity,
+            )
+        with connection.cursor() as cursor:
+            cursor.execute(NEXT_AVAILABLE_SQL, {"roles": roles, "now": now})
+            return PullMiss(next_available_at=rows.fetch_named(cursor)["next_available_at"])
+    if any(row["attempt_id"] is None for row in claimed):
+        return None  # a step declares files: its locks are decided in a transaction
+    leases = []
+    for row in claimed:
+        step = _claimed_step(row)
+        attempt = Attempt(id=row["attempt_id"], step=step, agent=agent, number=row["number"],
+                          idempotency_key=idempotency_key, started_at=now, expires_at=row["expires_at"],
+                          lease_token_hash=hashes[row["i"] - 1])
+        attempt._state.adding = False
+        leases.append(_leased(step=step, attempt=attempt, agent=agent, token=lease_tokens[row["i"] - 1], now=now,
+                              started_at=row["leased_started_at"], dep_results=rows.json_value(row["dep_results"]),
+                              event=Event(id=row["event_id"], workflow_id=step.workflow_id, seq=row["event_seq"],
+                                          kind="step.leased", step_id=step.id, agent_id=agent.id,
+                                          data=rows.json_value(row["event_data"]), at=now)))
+    return leases
+
+
+# `file_locks.iso` in SQL (`to_char`): Python leaves out the fraction of a whole second.
+_ISO_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+_ISO_FORMAT_WHOLE_SECONDS = 'YYYY-MM-DD"T"HH24:MI:SS"Z"'
+
+
+@lock_order.retrying
+def _steps_pull_locked(*, agent: Agent, roles: list[str], count: int, idempotency_key: str) -> list[Lease] | PullMiss:
+    """`steps_pull` in a transaction: the agent locked first, then everything read after it."""
     lock_order.lock_agent(agent.id)
+    if idempotency_key:
+        # Read under the agent's lock: a pull with this key that committed meanwhile is seen.
+        previous = _leases_of_key(agent=agent, idempotency_key=idempotency_key)
+        if previous is not None:
+            return previous[:count]
     now = timezone.now()
     leases: list[Lease] = []
     passed_over: list[UUID] = []
@@ -328,16 +499,25 @@ def _grant(*, step: Step, agent: Agent, idempotency_key: str, now: datetime, dep
         })
         granted = rows.fetch_named(cursor)
     attempt._state.adding = False
+    return _leased(step=step, attempt=attempt, agent=agent, token=token, now=now, started_at=granted["started_at"],
+                   dep_results=dep_results, locks=locks,
+                   event=Event(id=granted["event_id"], workflow_id=step.workflow_id, seq=granted["seq"],
+                               kind="step.leased", step_id=step.id, agent_id=agent.id, data=data, at=now))
+
+
+def _leased(*, step: Step, attempt: Attempt, agent: Agent, token: str, now: datetime, started_at: datetime,
+            dep_results: list, event: Event, locks: list[FileLock] = ()) -> Lease:
+    """The lease of a step just granted (its rows written): the step as the grant left it, its event published."""
     step.status = StepStatus.IN_PROGRESS
     step.attempt = attempt.number
     step.lease_agent = agent
     step.lease_token_hash = attempt.lease_token_hash
     step.lease_expires_at = attempt.expires_at
     step.lease_attempt = attempt
-    step.started_at = granted["started_at"]
+    step.started_at = started_at
     step.updated_at = now
-    event_published(Event(id=granted["event_id"], workflow_id=step.workflow_id, seq=granted["seq"],
-                          kind="step.leased", step_id=step.id, agent_id=agent.id, data=data, at=now))
+    event._state.adding = False
+    event_published(event)
     inputs = {key: {"final_result": final_result, "outputs": outputs} for key, final_result, outputs in dep_results}
     inputs.update(step.extra_inputs or {})
     return Lease(step=step, attempt=attempt, token=token, inputs=inputs, locks=sorted(locks, key=lambda l: l.path))

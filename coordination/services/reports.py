@@ -180,7 +180,7 @@ WITH targets AS MATERIALIZED (
         finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
         updated_at = %(now)s
     WHERE s.id = %(step)s AND s.status = 'in_progress' AND s.lease_agent_id = %(agent)s
-      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s AND EXISTS (SELECT 1 FROM targets)
+      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s AND (SELECT count(*) FROM targets) > 0
     RETURNING s.id, s.key, s.role, s.workflow_id
 ), attempt AS (
     -- The attempt whose lease token this is: the step's current one (the grant stores both hashes together).
