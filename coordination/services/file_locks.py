@@ -24,7 +24,8 @@ from django.utils import timezone
 
 from coordination import notify, rows
 from coordination.errors import Conflict, Forbidden, InvalidRequest, LockConflict, NotFound, StaleLease
-from coordination.models import Agent, FileLock, LockMode, LockWaiter, Project, Step
+from coordination.events import event_published
+from coordination.models import Agent, Event, FileLock, LockMode, LockWaiter, Project, Step
 from coordination.paths import normalise_path, paths_overlap
 from coordination.services import event_log, leases, lock_order
 from coordination.services.projects import project_get_or_create
@@ -86,6 +87,36 @@ WITH released AS (
     RETURNING project_id, released_at
 )
 SELECT released_at, pg_notify('{channel}', project_id::text) AS notified FROM released
+"""
+
+# Plain SQL, a holder's release of a live lock in one statement run on its own: the release, its workflow's
+# event number (a lock under a step; the file lock row before the workflow row, as the lock order says), the
+# `locks.released` event, and the NOTIFY that wakes the project's lock waiters. No row when the lock is not
+# the caller's live lock: nothing was written, and `lock_release` answers in a transaction (404, 403, or
+# "released already").
+RELEASE_BY_HOLDER_SQL = f"""
+WITH released AS (
+    UPDATE coordination_filelock l
+    SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = %(reason)s
+    WHERE l.id = %(lock)s AND l.agent_id = %(agent)s AND l.released_at IS NULL
+    RETURNING {rows.select_list(FileLock, "l")}
+), workflow AS (
+    UPDATE coordination_workflow w SET event_seq = w.event_seq + 1
+    FROM released r JOIN coordination_step s ON s.id = r.l__step_id
+    WHERE w.id = s.workflow_id
+    RETURNING w.id, w.event_seq
+), event AS (
+    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+    SELECT workflow.id, workflow.event_seq, 'locks.released', r.l__step_id, %(agent)s,
+           jsonb_build_object('project', p.name, 'reason', %(reason)s::text, 'by_agent', %(agent_name)s::text,
+                              'locks', jsonb_build_array(jsonb_build_object('path', r.l__path, 'mode', r.l__mode,
+                                                                            'fencing', r.l__fencing))),
+           %(now)s
+    FROM released r JOIN coordination_project p ON p.id = r.l__project_id LEFT JOIN workflow ON true
+    RETURNING id AS event_id, workflow_id AS event_workflow_id, seq AS event_seq, data AS event_data
+)
+SELECT released.*, event.*, pg_notify('{{channel}}', released.l__project_id::text) AS notified
+FROM released, event
 """
 
 # Plain SQL: release a set of steps' locks and learn their workflows in one UPDATE ... RETURNING.
@@ -390,10 +421,32 @@ def _may_manage_lock(lock: FileLock, *, agent: Agent | None, user: AbstractBaseU
     return bool(user is not None and user.is_authenticated and user.is_staff)
 
 
-@lock_order.retrying
 def lock_release(*, lock_id: UUID, agent: Agent | None = None, user: AbstractBaseUser | None = None,
                  reason: str = "released") -> FileLock:
-    """Release a lock: its holder, or staff (a force-release). Releasing a released lock changes nothing."""
+    """Release a lock: its holder, or staff (a force-release). Releasing a released lock changes nothing.
+
+    A holder's release of its live lock is one statement (`RELEASE_BY_HOLDER_SQL`); the rest (staff, a lock
+    released already, someone else's, none) is decided in a transaction.
+    """
+    if agent is not None:
+        now = timezone.now()
+        with connection.cursor() as cursor:
+            cursor.execute(RELEASE_BY_HOLDER_SQL.format(channel=notify.LOCKS), {
+                "lock": lock_id, "agent": agent.id, "agent_name": agent.name, "reason": reason[:32], "now": now})
+            row = rows.fetch_named(cursor)
+        if row is not None:
+            lock = rows.from_named(FileLock, row, "l")
+            event = Event(id=row["event_id"], workflow_id=row["event_workflow_id"], seq=row["event_seq"],
+                          kind="locks.released", step_id=lock.step_id, agent_id=agent.id,
+                          data=rows.json_value(row["event_data"]), at=now)
+            event._state.adding = False
+            event_published(event)
+            return lock
+    return _lock_release(lock_id=lock_id, agent=agent, user=user, reason=reason)
+
+
+@lock_order.retrying
+def _lock_release(*, lock_id: UUID, agent: Agent | None, user: AbstractBaseUser | None, reason: str) -> FileLock:
     lock = lock_order.lock_file_lock(lock_id)
     if not _may_manage_lock(lock, agent=agent, user=user):
         raise Forbidden("Only the lock's holder, or staff, may release it.")

@@ -2,6 +2,7 @@
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from coordination.errors import Forbidden
 from coordination.models import FileLock
@@ -64,6 +65,32 @@ class LockApiTests:
         assert owner_client.delete(f"/v1/locks/{lock.id}").status_code == 204
         lock.refresh_from_db()
         assert lock.release_reason == "forced"
+
+    def test_a_holders_release_is_one_statement_with_its_event_and_the_waiters_wake_up(self, developer, step,
+                                                                                      workflow_spec):
+        from coordination.models import Event, Workflow
+        from coordination.services import workflow_creation
+        from coordination.tests.agent_calls import pull
+
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        step_id, token = pull(developer)
+        [free] = acquire(developer, ["notes.md"])
+        [under_step] = acquire(developer, ["src/a.py"], step_id=step_id, lease_token=token)
+        for lock, workflow_id in ((free, None), (under_step, workflow.id)):
+            with CaptureQueriesContext(connection) as queries:
+                released = file_locks.lock_release(lock_id=lock.id, agent=developer.agent)
+            assert len(queries) == 1, [query["sql"][:80] for query in queries]
+            assert "pg_notify('am_locks'" in queries[0]["sql"]
+            stored = FileLock.objects.get(id=lock.id)
+            assert stored.released_at is not None and stored.release_reason == "released"
+            assert (released.id, released.released_at, released.path) == (lock.id, stored.released_at, lock.path)
+            event = Event.objects.filter(kind="locks.released").latest("id")
+            assert (event.workflow_id, event.step_id, event.agent_id) == (workflow_id, lock.step_id,
+                                                                          developer.agent.id)
+            assert event.data == {"project": "default", "reason": "released", "by_agent": "dev-1",
+                                  "locks": [{"path": lock.path, "mode": "write", "fencing": lock.fencing}]}
+        workflow = Workflow.objects.get(id=workflow.id)
+        assert Event.objects.filter(workflow=workflow).latest("seq").seq == workflow.event_seq
 
     def test_it_refuses_locks_to_people(self, owner_client):
         assert owner_client.post("/v1/locks", {"paths": ["a"], "mode": "write"}, format="json").status_code == 403
