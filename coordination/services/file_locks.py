@@ -12,6 +12,7 @@ them and the step's end releases them.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -19,7 +20,7 @@ from typing import Any, Callable
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from coordination import notify, rows
@@ -64,9 +65,11 @@ ORDER BY near.queued, near.sort_path, near.sort_id, near.sort_at
 """
 
 # Plain SQL, one round trip for a grant: bump every path's fencing counter (creating it at 1) in one upsert
-# and insert the locks with those numbers.
+# and insert the locks with those numbers; and the project's `lock_seq` (see `ACQUIRE_AT_ONCE_SQL`).
 GRANT_SQL = """
-WITH fence AS (
+WITH grants AS (
+    UPDATE coordination_project SET lock_seq = lock_seq + 1 WHERE id = %(project)s
+), fence AS (
     INSERT INTO coordination_lockfence (project_id, path, last)
     SELECT %(project)s, p, 1 FROM unnest(%(paths)s::text[]) AS p
     ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
@@ -87,6 +90,67 @@ WITH released AS (
     RETURNING project_id, released_at
 )
 SELECT released_at, pg_notify('{channel}', project_id::text) AS notified FROM released
+"""
+
+# Plain SQL, an agent's request for locks of its own (no step lease) granted in one statement run on its own,
+# when nothing stands in its way. In order:
+# 1. the project found by name and its lock taken, as `lock_order.LOCK_PROJECT_BY_NAME_SQL`, with the
+#    `lock_seq` this statement's snapshot sees;
+# 2. `lock_seq` bumped under that lock: `fresh` says no grant in the project committed since the snapshot, so
+#    the live locks it reads below are all of them (else nothing is granted: `_locks_try` decides, in a
+#    transaction that reads after the lock);
+# 3. the clock, read after the lock: what counts as expired, and the grant's date;
+# 4. whether a live lock of another holder conflicts (every row the indexed search of `LIVE_LOCKS_NEAR_SQL`
+#    finds overlaps a requested path: `_overlap_candidates`), or a request is queued in the project;
+# 5. if neither, the grant (fencing and rows, as `GRANT_SQL`) and its `locks.granted` event.
+# No row when the project does not exist; `granted` false when anything stood in the way (nothing written but
+# `lock_seq`): the transaction path then answers, with the blockers.
+ACQUIRE_AT_ONCE_SQL = f"""
+WITH project AS MATERIALIZED (
+    SELECT p.id, p.name, p.lock_seq AS seen_seq,
+           pg_advisory_xact_lock(('x' || substr(replace(p.id::text, '-', ''), 1, 16))::bit(64)::bigint) AS locked
+    FROM coordination_project p WHERE p.name = %(name)s
+), bump AS MATERIALIZED (
+    UPDATE coordination_project p SET lock_seq = p.lock_seq + 1
+    FROM project WHERE p.id = project.id
+    RETURNING p.lock_seq = project.seen_seq + 1 AS fresh, clock_timestamp() AS now
+), ok AS MATERIALIZED (
+    SELECT project.id, project.name, bump.now FROM project, bump
+    WHERE bump.fresh
+      AND NOT EXISTS (
+          SELECT 1 FROM coordination_filelock l
+          WHERE l.project_id = project.id AND l.released_at IS NULL AND l.expires_at > bump.now
+            AND (l.path = ANY(%(exact)s::text[]) OR l.path LIKE ANY(%(prefixes)s::text[]))
+            AND (%(mode)s = 'write' OR l.mode = 'write')
+            AND NOT (l.agent_id IS NOT DISTINCT FROM %(agent)s::uuid AND l.step_id IS NULL))
+      AND NOT EXISTS (
+          SELECT 1 FROM coordination_lockwaiter w WHERE w.project_id = project.id AND w.expires_at > bump.now)
+), fence AS (
+    INSERT INTO coordination_lockfence (project_id, path, last)
+    SELECT ok.id, p, 1 FROM ok, unnest(%(paths)s::text[]) AS p
+    ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
+    RETURNING path, last
+), granted AS (
+    INSERT INTO coordination_filelock (id, project_id, path, mode, agent_id, step_id, fencing, acquired_at,
+                                       expires_at, released_at, release_reason)
+    SELECT g.id, ok.id, g.path, %(mode)s, %(agent)s, NULL, fence.last, ok.now,
+           ok.now + make_interval(secs => %(ttl)s), NULL, ''
+    FROM ok, unnest(%(ids)s::uuid[], %(paths)s::text[]) AS g(id, path) JOIN fence ON fence.path = g.path
+    RETURNING {rows.select_list(FileLock, "coordination_filelock", "l")}
+), event AS (
+    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
+    SELECT NULL, NULL, 'locks.granted', NULL, %(agent)s,
+           jsonb_build_object('project', ok.name, 'agent', %(agent_name)s::text,
+                              'locks', (SELECT jsonb_agg(jsonb_build_object('path', l__path, 'mode', l__mode,
+                                                                            'fencing', l__fencing) ORDER BY l__path)
+                                        FROM granted)),
+           %(now)s
+    FROM ok
+    RETURNING id AS event_id, data AS event_data
+)
+SELECT project.id AS project_id, ok.id IS NOT NULL AS granted, event.*, granted.*
+FROM project LEFT JOIN ok ON true LEFT JOIN event ON true LEFT JOIN granted ON true
+ORDER BY granted.l__path
 """
 
 # Plain SQL, a holder's release of a live lock in one statement run on its own: the release, its workflow's
@@ -373,6 +437,11 @@ def locks_acquire(
         raise InvalidRequest(f"ttl_s={ttl} is out of range 1..{LOCK_TTL_MAX_S}.")
     if not 0 <= wait_s <= LOCK_WAIT_MAX_S:
         raise InvalidRequest(f"wait_s={wait_s} is out of range 0..{LOCK_WAIT_MAX_S}.")
+    if step_id is None:
+        granted = _locks_acquire_at_once(agent=agent, project_name=project_name or "default", paths=normalised,
+                                         mode=mode, ttl_s=ttl)
+        if granted is not None:
+            return granted
     deadline = time.monotonic() + wait_s
     waiter_row: LockWaiter | None = None
     waiter = None
@@ -413,6 +482,40 @@ def locks_acquire(
                 LockWaiter.objects.filter(id=waiter_row.id).delete()
                 # Requests queued behind this one may go now.
                 notify.notify_locks([waiter_row.project_id])
+
+
+def _locks_acquire_at_once(*, agent: Agent, project_name: str, paths: list[str], mode: str,
+                           ttl_s: int) -> list[FileLock] | None:
+    """Locks of the agent's own granted in one statement (`ACQUIRE_AT_ONCE_SQL`), or None when it could not
+    grant them alone (a conflict, a queued request, a grant committed meanwhile, no such project, or PostgreSQL
+    refused it for a conflict): `locks_acquire` then decides in a transaction, and says why."""
+    now = timezone.now()
+    exact, prefixes = _overlap_candidates(paths)
+    ids = [uuid.uuid4() for _ in paths]
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(ACQUIRE_AT_ONCE_SQL, {
+                "name": project_name, "exact": exact, "prefixes": prefixes, "mode": mode, "agent": agent.id,
+                "agent_name": agent.name, "paths": paths, "ids": ids, "ttl": ttl_s, "now": now})
+            found = rows.fetch_all_named(cursor)
+    except OperationalError as exc:
+        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
+            raise
+        return None
+    if not found or not found[0]["granted"]:
+        return None
+    project = Project(id=found[0]["project_id"], name=project_name)
+    locks = []
+    for row in found:
+        lock = rows.from_named(FileLock, row, "l")
+        lock.project = project
+        lock.agent = agent
+        locks.append(lock)
+    event = Event(id=found[0]["event_id"], kind="locks.granted", agent_id=agent.id,
+                  data=rows.json_value(found[0]["event_data"]), at=now)
+    event._state.adding = False
+    event_published(event)
+    return locks
 
 
 def _may_manage_lock(lock: FileLock, *, agent: Agent | None, user: AbstractBaseUser | None) -> bool:

@@ -8,9 +8,9 @@ import pytest
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from coordination.errors import AtCapacity
-from coordination.models import Event, Step, StepStatus, Workflow
-from coordination.services import lock_order, pull, workflow_creation
+from coordination.errors import AtCapacity, LockConflict
+from coordination.models import Event, FileLock, Step, StepStatus, Workflow
+from coordination.services import file_locks, lock_order, pull, workflow_creation
 from coordination.services.lock_order import Along
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -89,6 +89,51 @@ class OneStatementPullTests:
         thread.join(10)
         assert not errors, errors
         assert Step.objects.filter(lease_agent=agent, status=StepStatus.IN_PROGRESS).count() == 1
+
+
+class OneStatementLockTests:
+    def test_an_uncontended_acquire_is_one_statement(self, developer, other_developer):
+        file_locks.locks_acquire(agent=developer.agent, paths=["warm.md"], mode="write")  # the project exists
+        with CaptureQueriesContext(connection) as queries:
+            locks = file_locks.locks_acquire(agent=developer.agent, paths=["src/", "b.md"], mode="read", ttl_s=90)
+        assert len(queries) == 1, [query["sql"][:80] for query in queries]
+        assert [(lock.path, lock.mode) for lock in locks] == [("b.md", "read"), ("src/", "read")]
+        stored = {lock.path: lock for lock in FileLock.objects.filter(agent=developer.agent, released_at=None)}
+        assert {lock.path: lock.fencing for lock in locks} == {path: stored[path].fencing for path in ("b.md", "src/")}
+        assert all((lock.expires_at - lock.acquired_at).total_seconds() == 90 for lock in locks)
+        event = Event.objects.filter(kind="locks.granted").latest("id")
+        assert event.data == {"project": "default", "agent": "dev-1", "locks": [
+            {"path": "b.md", "mode": "read", "fencing": stored["b.md"].fencing},
+            {"path": "src/", "mode": "read", "fencing": stored["src/"].fencing}]}
+        # Its own locks never block it; another holder's conflicting one does (the transaction path says which).
+        assert file_locks.locks_acquire(agent=developer.agent, paths=["src/a.py"], mode="write")
+        with pytest.raises(LockConflict, match="b.md is held"):
+            file_locks.locks_acquire(agent=other_developer.agent, paths=["b.md"], mode="write")
+
+    def test_a_grant_that_commits_meanwhile_is_seen_before_granting(self, developer, other_developer):
+        file_locks.locks_acquire(agent=developer.agent, paths=["warm.md"], mode="write")
+        granted = threading.Event()
+
+        def grant_src_to_the_other_agent() -> None:
+            with transaction.atomic():
+                attempt = file_locks._locks_try(agent=other_developer.agent, project_name="default",
+                                                paths=["src/"], mode="write", step_id=None, lease_token=None,
+                                                ttl_s=60, waiter_id=None)
+                assert attempt.granted
+                granted.set()
+                with connection.cursor() as cursor:
+                    _wait_until_a_backend_waits_on_a_lock(cursor)
+
+        thread, errors = _in_thread(grant_src_to_the_other_agent)
+        assert granted.wait(10)
+        # This request's snapshot predates the other grant's commit; it waits for the project's lock, and must
+        # then see that `src/` is held.
+        with pytest.raises(LockConflict):
+            file_locks.locks_acquire(agent=developer.agent, paths=["src/app.py"], mode="write")
+        thread.join(10)
+        assert not errors, errors
+        assert list(FileLock.objects.filter(released_at=None, path__startswith="src").values_list("path", flat=True)) \
+            == ["src/"]
 
 
 class StepLockOrderTests:
