@@ -1,4 +1,5 @@
-"""Wake waiting requests (long-polling pulls, lock requests with `wait_s`) when they may succeed.
+"""PostgreSQL notifications: wake waiting requests (long-polling pulls, lock requests with `wait_s`) when they
+may succeed, and tell the agent cache which agents changed.
 
 Services send `NOTIFY` in the transaction that makes waiting worthwhile (a step
 became ready, a lock was released); PostgreSQL delivers it only when that
@@ -16,7 +17,8 @@ on to the next waiter (`pass_on`), so a step is never left with nobody woken
 for it. Lock notifications wake every waiter of the project.
 
 If the listener cannot connect (PostgreSQL restarting), waiters fall back to a
-re-check every `FALLBACK_RECHECK_S`, so none is stuck past its deadline.
+re-check every `FALLBACK_RECHECK_S`, so none is stuck past its deadline, and
+authentication reads every agent from the database instead of the cache.
 
 Other parts of the process `subscribe` to a channel to be told its
 notifications: the agent cache (`coordination/agent_cache.py`) drops an agent
