@@ -74,12 +74,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_notification_listener(django_db_setup):
-    """The listener thread keeps a connection to the test database; close it before the database is dropped."""
-    yield
+def _notification_listener(django_db_setup):
+    """The listener thread, connected before the first test so that every test meets the agent cache as a server
+    does (in use, not waiting for the first request to connect it); its connection to the test database is closed
+    before the database is dropped."""
     from coordination.notify import listener
 
+    listener.ensure_started()
+    if not listener.connected.wait(timeout=30):
+        raise RuntimeError("the notification listener did not connect to the test database within 30 s")
+    yield
     listener.stop()
+
+
+@pytest.fixture(autouse=True)
+def _empty_agent_cache():
+    """Agents a test cached are forgotten: its rows were rolled back without a notification."""
+    yield
+    from coordination.agent_cache import cache
+
+    cache.forget(None)
 
 
 @pytest.fixture

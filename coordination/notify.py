@@ -1,4 +1,5 @@
-"""Wake waiting requests (long-polling pulls, lock requests with `wait_s`) when they may succeed.
+"""PostgreSQL notifications: wake waiting requests (long-polling pulls, lock requests with `wait_s`) when they
+may succeed, and tell the agent cache which agents changed.
 
 Services send `NOTIFY` in the transaction that makes waiting worthwhile (a step
 became ready, a lock was released); PostgreSQL delivers it only when that
@@ -16,7 +17,15 @@ on to the next waiter (`pass_on`), so a step is never left with nobody woken
 for it. Lock notifications wake every waiter of the project.
 
 If the listener cannot connect (PostgreSQL restarting), waiters fall back to a
-re-check every `FALLBACK_RECHECK_S`, so none is stuck past its deadline.
+re-check every `FALLBACK_RECHECK_S`, so none is stuck past its deadline, and
+authentication reads every agent from the database instead of the cache.
+
+Other parts of the process `subscribe` to a channel to be told its
+notifications: the agent cache (`coordination/agent_cache.py`) drops an agent
+when a trigger on `coordination_agent` says it changed (`am_agents`). A
+subscriber is also told `None` ("anything may have changed") on every
+(re)connect, before `connected` is set, because notifications sent while the
+listener was away are lost.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from django.db import connection
 
@@ -33,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 STEP_READY = "am_step_ready"  # payload: "<role>:<how many steps became ready>" (or a bare role: wake all)
 LOCKS = "am_locks"  # payload: a project id
-CHANNELS = (STEP_READY, LOCKS)
+# Sent by the triggers of migration 0006 when an agent row changes (not for a `last_seen_at` touch); payload: the
+# agent's id, or "*" after a TRUNCATE.
+AGENTS = "am_agents"
+CHANNELS = (STEP_READY, LOCKS, AGENTS)
 FALLBACK_RECHECK_S = 2.0
 
 
@@ -99,12 +111,38 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.connected = threading.Event()
+        self._subscribers: dict[str, list[Callable[[str | None], None]]] = {}
 
-    def _ensure_started(self) -> None:
+    def ensure_started(self) -> None:
+        """Start the listening thread if this process has none running (cheap when it has)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                # A thread that is not running is not listening, whatever `connected` says (after a fork, a
+                # child inherits the parent's set event but not its thread).
+                self.connected.clear()
                 self._thread = threading.Thread(target=self._run, name="am-listener", daemon=True)
                 self._thread.start()
+
+    def subscribe(self, channel: str, callback: Callable[[str | None], None]) -> None:
+        """Call `callback(payload)` for each notification on `channel` (one of `CHANNELS`), in the listener's
+        thread, and `callback(None)` on every (re)connect, before `connected` is set."""
+        with self._lock:
+            self._subscribers.setdefault(channel, []).append(callback)
+
+    def _tell(self, channel: str | None, payload: str | None) -> bool:
+        """Hand a notification to the subscribers of its channel (`channel` None: every subscriber, with None);
+        False when nobody subscribes to the channel."""
+        with self._lock:
+            if channel is None:
+                callbacks = [callback for callbacks in self._subscribers.values() for callback in callbacks]
+            else:
+                callbacks = list(self._subscribers.get(channel, ()))
+        for callback in callbacks:
+            callback(payload)
+        return bool(callbacks)
 
     @staticmethod
     def _conninfo() -> dict:
@@ -132,6 +170,9 @@ class Listener:
                 with psycopg.connect(**self._conninfo(), autocommit=True) as conn:
                     for channel in CHANNELS:
                         conn.execute(f"LISTEN {channel}")
+                    # Subscribers forget what they keep before anyone trusts it again: notifications sent while
+                    # we were away are lost, and from here on none is.
+                    self._tell(None, None)
                     self.connected.set()
                     delay = 0.5
                     # Wake everyone once: something may have changed while we were away.
@@ -139,7 +180,8 @@ class Listener:
                     idle = 0
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            self._wake(note.channel, note.payload)
+                            if not self._tell(note.channel, note.payload):
+                                self._wake(note.channel, note.payload)
                         idle += 1
                         if idle % 30 == 0:
                             conn.execute("SELECT 1")  # notice a dead connection even when idle
@@ -180,7 +222,7 @@ class Listener:
 
     def register(self, channel: str, keys: Iterable[object]) -> Waiter:
         """Register before checking, so a notification between the check and the wait is not lost."""
-        self._ensure_started()
+        self.ensure_started()
         waiter = Waiter(channel, frozenset(str(key) for key in keys))
         with self._lock:
             self._waiters[waiter] = None

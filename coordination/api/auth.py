@@ -3,6 +3,11 @@
 Tokens are looked up by their SHA-256 and compared in constant time; a wrong
 token, or a disabled agent's, is `401`. `request.auth` is the `Agent` for agent
 tokens, so views can tell the two kinds of caller apart.
+
+Agents are found through the per-process cache of `coordination/agent_cache.py`
+(a change to an agent reaches it by NOTIFY, and at once in the process that
+made it), so most agent requests read no agent row. User tokens are read from
+the database every time.
 """
 
 import hmac
@@ -10,7 +15,7 @@ import hmac
 from django.db import connection
 from rest_framework import authentication, exceptions, permissions
 
-from coordination import rows
+from coordination import agent_cache, rows
 from coordination.services import agent_registry, tokens
 from coordination.models import Agent, UserToken
 
@@ -35,12 +40,16 @@ class AgentUser:
         return self.get_username()
 
 
-# Plain SQL: every agent request asks, and the ORM would compile the query each time.
+# Plain SQL: every agent request the cache cannot answer asks, and the ORM would compile the query each time.
 AGENT_BY_TOKEN_SQL = f"SELECT {rows.select_list(Agent, 'a')} FROM coordination_agent a WHERE a.token_hash = %(hash)s"
 
 
 def agent_by_token_hash(hashed: str) -> Agent | None:
-    """The agent with this token hash."""
+    """The agent with this token hash (a copy of its own for the caller), from the cache when it can be trusted."""
+    return agent_cache.read_through(hashed, _agent_from_database)
+
+
+def _agent_from_database(hashed: str) -> Agent | None:
     with connection.cursor() as cursor:
         cursor.execute(AGENT_BY_TOKEN_SQL, {"hash": hashed})
         row = rows.fetch_named(cursor)

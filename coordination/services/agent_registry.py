@@ -10,6 +10,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
+from coordination import agent_cache
 from coordination.errors import Forbidden, InvalidRequest, NotFound
 from coordination.models import ROLE_PATTERN, Agent
 from coordination.services import event_log, tokens
@@ -88,9 +89,13 @@ def agent_create(
 
 @transaction.atomic
 def agent_rotate_token(*, agent: Agent) -> str:
-    """Give an agent a new token (the old one stops working at once); returned once, only its hash is stored."""
+    """Give an agent a new token; returned once, only its hash is stored.
+
+    The old one stops working at once in this process, and in the others when they are notified of the commit.
+    """
     token = tokens.new_token("am")
     Agent.objects.filter(id=agent.id).update(token_hash=tokens.token_hash(token), token_prefix=token[:10])
+    agent_cache.agent_changed(agent.id)
     event_log.event_record(kind="agent.token_rotated", agent_id=agent.id, data={"name": agent.name})
     return token
 
@@ -128,6 +133,7 @@ def agent_update(*, agent_id: UUID, name: str, roles: list[str], capacity: int, 
     for field, value in changed.items():
         setattr(agent, field, value)
     agent.save(update_fields=list(changed))
+    agent_cache.agent_changed(agent.id)
     event_log.event_record(kind="agent.updated", agent_id=agent.id,
                            data={"name": agent.name, "changed": changed, **actor(user, None)})
     return agent
@@ -139,17 +145,20 @@ def agent_seen(*, agent: Agent, now: datetime | None = None) -> None:
     if agent.last_seen_at is None or (now - agent.last_seen_at).total_seconds() >= AGENT_SEEN_TOUCH_S:
         Agent.objects.filter(id=agent.id).update(last_seen_at=now)
         agent.last_seen_at = now
+        agent_cache.cache.seen(token_hash=agent.token_hash, at=now)
 
 
 @transaction.atomic
 def agent_set_enabled(*, agent_id: UUID, enabled: bool, user: AbstractBaseUser | None = None) -> Agent:
-    """Disable an agent (its token stops working at once: 401) or enable it again."""
+    """Disable an agent (its token stops working: 401, at once in this process, in the others when they are
+    notified of the commit) or enable it again."""
     agent = Agent.objects.select_for_update().filter(id=agent_id).first()
     if agent is None:
         raise NotFound(f"Agent {agent_id} does not exist.")
     if agent.enabled != enabled:
         agent.enabled = enabled
         agent.save(update_fields=["enabled"])
+        agent_cache.agent_changed(agent.id)
         event_log.event_record(kind="agent.enabled" if enabled else "agent.disabled", agent_id=agent.id,
                                data={"name": agent.name, **actor(user, None)})
     return agent

@@ -3,13 +3,14 @@
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 
 import httpx
 import pytest
 from django.db import connection
 
-from coordination.services import pull, reports, workflow_control, workflow_creation
-from coordination.models import AgentUsage, Attempt, AttemptOutcome, Result, Step, Workflow
+from coordination.services import agent_registry, pull, reports, workflow_control, workflow_creation
+from coordination.models import Agent, AgentUsage, Attempt, AttemptOutcome, Result, Step, Workflow
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -259,3 +260,77 @@ class LockAwareLongPollTests:
         thread.join(timeout=25)
         assert outcome["status"] == 200 and outcome["key"] == "R2"
         assert outcome["at"] - reported_at < 10
+
+
+# Long ago: an agent read from the database with this `last_seen_at` is touched at once.
+LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
+# How long a committed change may take to reach the server (a NOTIFY takes milliseconds).
+NOTIFY_DEADLINE_S = 5.0
+
+
+def _set_by_hand(agent_id, column: str, value) -> None:
+    """A committed change made in SQL, not through a service (as someone at a psql prompt would)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE coordination_agent SET {column} = %s WHERE id = %s", [value, agent_id])
+
+
+def _me(url: str, token: str) -> httpx.Response:
+    return httpx.get(f"{url}/v1/agents/me", headers=_auth(token), timeout=10)
+
+
+def _until_served_from_cache(url: str, agent) -> None:
+    """Wait until the server answers this agent's requests from its cache.
+
+    The proof: `last_seen_at` set long ago by hand (an update the trigger ignores, so nothing is dropped)
+    makes a request that reads the agent's row write it again at once, and leaves it alone when the request
+    took the agent from the cache, where it was seen a moment ago.
+    """
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert _me(url, agent.token).status_code == 200
+        _set_by_hand(agent.agent.id, "last_seen_at", LONG_AGO)
+        assert _me(url, agent.token).status_code == 200
+        if Agent.objects.get(id=agent.agent.id).last_seen_at == LONG_AGO:
+            return
+        time.sleep(0.2)
+    pytest.fail("the server never answered the agent from its cache")
+
+
+def _until_status(url: str, token: str, status: int) -> httpx.Response:
+    """The server's answer once it is `status`, or its last answer after NOTIFY_DEADLINE_S."""
+    deadline = time.monotonic() + NOTIFY_DEADLINE_S
+    while True:
+        response = _me(url, token)
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+class AgentCacheTests:
+    """The server keeps agents by token; a change committed in another process reaches it by NOTIFY."""
+
+    def test_an_agent_disabled_through_the_service_is_refused_by_the_server(self, live_am, make_agent):
+        agent = make_agent("to-disable", ["developer"])
+        _until_served_from_cache(live_am, agent)
+        agent_registry.agent_set_enabled(agent_id=agent.agent.id, enabled=False)  # committed: no test transaction
+        response = _until_status(live_am, agent.token, 401)
+        assert response.status_code == 401 and "disabled" in response.json()["detail"]
+        agent_registry.agent_set_enabled(agent_id=agent.agent.id, enabled=True)
+        assert _until_status(live_am, agent.token, 200).status_code == 200
+
+    def test_an_agent_disabled_by_hand_in_sql_is_refused_by_the_server(self, live_am, make_agent):
+        agent = make_agent("disabled-by-hand", ["developer"])
+        _until_served_from_cache(live_am, agent)
+        _set_by_hand(agent.agent.id, "enabled", False)
+        response = _until_status(live_am, agent.token, 401)
+        assert response.status_code == 401 and "disabled" in response.json()["detail"]
+        _set_by_hand(agent.agent.id, "enabled", True)
+        assert _until_status(live_am, agent.token, 200).status_code == 200
+
+    def test_a_rotated_token_is_refused_by_the_server_and_the_new_one_accepted(self, live_am, make_agent):
+        agent = make_agent("rotated", ["developer"])
+        _until_served_from_cache(live_am, agent)
+        token = agent_registry.agent_rotate_token(agent=agent.agent)
+        response = _until_status(live_am, agent.token, 401)
+        assert response.status_code == 401 and "Unknown token" in response.json()["detail"]
+        assert _me(live_am, token).json()["id"] == str(agent.agent.id)

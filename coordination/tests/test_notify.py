@@ -12,7 +12,7 @@ from coordination.services import pull
 def listener(monkeypatch):
     """A listener with no thread: notifications are handed to it by hand."""
     fresh = notify.Listener()
-    monkeypatch.setattr(fresh, "_ensure_started", lambda: None)
+    monkeypatch.setattr(fresh, "ensure_started", lambda: None)
     monkeypatch.setattr(notify, "listener", fresh)
     return fresh
 

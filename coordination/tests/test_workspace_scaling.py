@@ -41,8 +41,10 @@ def _queries(client: APIClient, url: str) -> tuple[int, list[str]]:
         if hasattr(response, "streaming_content"):
             b"".join(response.streaming_content)
     assert response.status_code == 200, (url, response.content[:300])
-    # Recording that the agent was seen (at most every few seconds) is not part of the read.
-    sql = [q["sql"] for q in captured.captured_queries if not q["sql"].startswith('UPDATE "coordination_agent"')]
+    # Finding the token's agent (on the first request only: then it is cached) and recording that the agent was
+    # seen (at most every few seconds) are not part of the read.
+    sql = [q["sql"] for q in captured.captured_queries
+           if not q["sql"].startswith('UPDATE "coordination_agent"') and "a.token_hash =" not in q["sql"]]
     return len(sql), sql
 
 
