@@ -257,3 +257,22 @@ class ReconnectTests:
             assert not cache.put(agent.token_hash, agent, generation=generation)
         finally:
             listener.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+class ChangeNotificationTests:
+    def test_the_trigger_tells_of_changes_but_not_of_a_pull_or_a_presence_touch(self, developer):
+        """What the listener hears from committed changes: the pull counter and `last_seen_at` move on every
+        request and would empty the cache as fast as it fills, so they say nothing; anything else does."""
+        from coordination.services import lock_order
+
+        params = notify.listener._conninfo()
+        agent = developer.agent
+        with psycopg.connect(**params, autocommit=True) as listening:
+            listening.execute(f"LISTEN {notify.AGENTS}")
+            lock_order.lock_agent(agent.id)  # a pull's bump of pull_seq (autocommit: committed)
+            Agent.objects.filter(id=agent.id).update(last_seen_at=timezone.now())
+            assert [note.payload for note in listening.notifies(timeout=0.5)] == []
+            agent_registry.agent_update(agent_id=agent.id, name=agent.name, roles=agent.roles, capacity=3,
+                                        can_submit=False, enabled=True)
+            assert [note.payload for note in listening.notifies(timeout=5, stop_after=1)] == [str(agent.id)]

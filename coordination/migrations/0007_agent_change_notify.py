@@ -3,8 +3,9 @@
 # every one of those, and `pg_notify` is delivered when the change commits (never for a rollback), to the
 # listener thread of every process (`am_agents`, coordination/notify.py).
 #
-# An update that only touches `last_seen_at` (every few seconds per agent, on every agent's requests) says
-# nothing: it changes nothing the cache decides with, and would empty it as fast as it fills. Three triggers,
+# An update that only touches `last_seen_at` (every few seconds per agent, on every agent's requests) or
+# `pull_seq` (every pull) says nothing: it changes nothing the cache decides with, and would empty it as fast
+# as it fills. Three triggers,
 # because a DELETE trigger's WHEN may not name NEW and a TRUNCATE trigger is per statement (payload "*": every
 # agent).
 
@@ -23,7 +24,7 @@ END
 $$;
 
 CREATE TRIGGER coordination_agent_updated AFTER UPDATE ON coordination_agent FOR EACH ROW
-    WHEN ((to_jsonb(OLD) - 'last_seen_at') IS DISTINCT FROM (to_jsonb(NEW) - 'last_seen_at'))
+    WHEN ((to_jsonb(OLD) - 'last_seen_at' - 'pull_seq') IS DISTINCT FROM (to_jsonb(NEW) - 'last_seen_at' - 'pull_seq'))
     EXECUTE FUNCTION coordination_agent_notify();
 
 CREATE TRIGGER coordination_agent_deleted AFTER DELETE ON coordination_agent FOR EACH ROW
@@ -44,7 +45,7 @@ DROP FUNCTION coordination_agent_notify();
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('coordination', '0005_agent_usage'),
+        ('coordination', '0006_pull_and_lock_seqs'),
     ]
 
     operations = [
