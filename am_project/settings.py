@@ -116,6 +116,13 @@ else:
     }
 _default_db.setdefault("OPTIONS", {})
 _default_db["OPTIONS"].setdefault("connect_timeout", env_int("AM_DB_CONNECT_TIMEOUT_S", 5, minimum=1))
+# Parameters bound by the server, and a statement run 5 times on a connection kept prepared there (parsed and
+# planned once): a third of the time of a pull + report cycle was PostgreSQL planning its statements
+# (BENCHMARKS.md section 8). Off (AM_DB_PREPARED_STATEMENTS=0) behind a pooler in transaction mode
+# (PgBouncer before 1.21), which cannot keep a prepared statement on a connection.
+if env_bool("AM_DB_PREPARED_STATEMENTS", True):
+    _default_db["OPTIONS"].setdefault("server_side_binding", True)
+    _default_db["OPTIONS"].setdefault("prepare_threshold", 5)
 _default_db["CONN_HEALTH_CHECKS"] = _conn_max_age > 0
 # A pool of connections per process (psycopg_pool), instead of a connection per request.
 if env_bool("AM_DB_POOL", False) and _conn_max_age == 0:

@@ -77,3 +77,17 @@ class StartupTests:
     def test_it_starts_with_valid_settings(self):
         result = _start(AM_DEFAULT_LEASE_TTL_S="300")
         assert result.returncode == 0, result.stderr
+
+    @pytest.mark.parametrize(("value", "options"), [(None, "True 5"), ("0", "None None")])
+    def test_prepared_statements_are_on_unless_turned_off(self, value, options):
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "am_project.settings"}
+        env.pop("AM_DB_PREPARED_STATEMENTS", None)
+        if value is not None:
+            env["AM_DB_PREPARED_STATEMENTS"] = value
+        result = subprocess.run(
+            [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; "
+             "o = settings.DATABASES['default']['OPTIONS']; "
+             "print(o.get('server_side_binding'), o.get('prepare_threshold'))"],
+            cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == options

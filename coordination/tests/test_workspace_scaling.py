@@ -12,7 +12,7 @@ pytestmark = pytest.mark.django_db
 
 # Test data made in bulk (50,000 writes through the API would take minutes): `files` paths, each changed
 # `versions_per_file` times (versions 1..n, the file's k-th change at version (k-1)*files + i), every
-# content one shared blob.
+# content one shared blob. One statement per execute: parameters are bound by the server.
 _FILL_SQL = """
 INSERT INTO coordination_blob (sha256, size, data, storage_name, created_at)
 VALUES (%(sha)s, 5, 'hello'::bytea, '', now()) ON CONFLICT DO NOTHING;
@@ -22,7 +22,7 @@ FROM generate_series(1, %(files)s) AS i, generate_series(1, %(per_file)s) AS k;
 INSERT INTO coordination_workspacefile (project_id, path, current_id, version, sha256, size, deleted)
 SELECT DISTINCT ON (v.path) v.project_id, v.path, v.id, v.version, v.sha256, v.size, v.deleted
 FROM coordination_fileversion v WHERE v.project_id = %(project)s ORDER BY v.path, v.version DESC;
-UPDATE coordination_project SET workspace_version = %(files)s * %(per_file)s WHERE id = %(project)s;
+UPDATE coordination_project SET workspace_version = %(files)s::bigint * %(per_file)s WHERE id = %(project)s;
 ANALYZE coordination_fileversion; ANALYZE coordination_workspacefile;
 """
 SHA = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
@@ -31,7 +31,9 @@ SHA = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
 def _project(name: str, files: int, per_file: int) -> Project:
     project = projects.project_create(name=name)
     with connection.cursor() as cursor:
-        cursor.execute(_FILL_SQL, {"project": project.id, "files": files, "per_file": per_file, "sha": SHA})
+        for statement in filter(str.strip, _FILL_SQL.split(";")):
+            params = {"project": project.id, "files": files, "per_file": per_file, "sha": SHA}
+            cursor.execute(statement, {key: value for key, value in params.items() if f"%({key})s" in statement})
     return project
 
 
