@@ -397,12 +397,18 @@ class BatchPullOutSerializer(serializers.Serializer):
     leases = PullOutSerializer(many=True, help_text="The leased steps, best first, each with its own lease token.")
 
 
+# The API's one date-time format (ISO 8601, UTC as "Z"), for answers built without a serializer.
+_DATETIME = serializers.DateTimeField()
+
+
 def pull_payload(lease: pull.Lease) -> dict:
+    """A lease as the API answers it, in JSON types: `PullOutSerializer`'s shape, built without instantiating
+    it (a serializer deep-copies its fields on every use, and this is every pull). A test pins the two equal."""
     step = lease.step
     workflow = step.workflow
     return {
         "step": {
-            "id": step.id,
+            "id": str(step.id),
             "key": step.key,
             "name": step.name,
             "description": step.description,
@@ -411,13 +417,20 @@ def pull_payload(lease: pull.Lease) -> dict:
             "files": step.files,
             "inputs": lease.inputs,
         },
-        "workflow": {"id": workflow.id, "name": workflow.name, "project": workflow.project.name},
-        "lease": {"token": lease.token, "expires_at": lease.expires_at, "ttl_s": step.lease_ttl_s,
-                  "locks": [{"id": lock.id, "path": lock.path, "mode": lock.mode, "fencing": lock.fencing,
-                             "expires_at": lock.expires_at} for lock in lease.locks],
+        "workflow": {"id": str(workflow.id), "name": workflow.name, "project": workflow.project.name},
+        "lease": {"token": lease.token, "expires_at": _DATETIME.to_representation(lease.expires_at),
+                  "ttl_s": step.lease_ttl_s,
+                  "locks": [{"id": str(lock.id), "path": lock.path, "mode": lock.mode, "fencing": lock.fencing,
+                             "expires_at": _DATETIME.to_representation(lock.expires_at)} for lock in lease.locks],
                   "traceparent": tracing.attempt_traceparent(workflow_id=step.workflow_id,
                                                              attempt_id=lease.attempt.id)},
     }
+
+
+def report_payload(result: dict) -> dict:
+    """A report's answer as the API gives it: `ReportOutSerializer`'s shape, built directly (every report)."""
+    return {"step_id": str(result["step_id"]), "status": str(result["status"]),
+            "workflow_status": str(result["workflow_status"]), "released": [str(key) for key in result["released"]]}
 
 
 class CountsSerializer(serializers.Serializer):

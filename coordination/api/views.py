@@ -122,8 +122,8 @@ class PullView(APIBase):
         if not leases:
             return _no_store(Response(status=status.HTTP_204_NO_CONTENT))
         if count is None:
-            return _no_store(Response(s.PullOutSerializer(s.pull_payload(leases[0])).data))
-        return _no_store(Response({"leases": [s.PullOutSerializer(s.pull_payload(lease)).data for lease in leases]}))
+            return _no_store(Response(s.pull_payload(leases[0])))
+        return _no_store(Response({"leases": [s.pull_payload(lease) for lease in leases]}))
 
 
 class HeartbeatView(APIBase):
@@ -168,7 +168,7 @@ class ReportView(APIBase):
             lease_token=body.validated_data["lease_token"],
             outcome=body.to_outcome(),
         )
-        return _no_store(Response(s.ReportOutSerializer(result).data))
+        return _no_store(Response(s.report_payload(result)))
 
 
 class ReleaseView(APIBase):

@@ -156,3 +156,33 @@ class PullTests:
             assert "step_ready_queue" in plan or (
                 "step_workflow_status" in plan and "status)::text = 'ready'::text" in plan), plan
         Workflow.objects.filter(id=workflow.id).update()
+
+
+class AnswerShapeTests:
+    def test_a_pull_and_a_report_answer_exactly_what_their_serializers_say(self, developer, step, workflow_spec):
+        from coordination.api import serializers as s
+        from coordination.tests.agent_calls import report
+
+        workflow_creation.workflow_create(spec=workflow_spec(
+            step("A"), step("B", "A", files=(("src/b.py", "write"), ("docs/", "read"))), step("C", "A")))
+        first = _pull(developer).json()
+        answer = report(developer, first["step"]["id"], first["lease"]["token"], final_result="a",
+                        outputs={"n": 1}).json()
+        assert answer == s.ReportOutSerializer(answer).data
+        leases = pull.steps_pull(agent=developer.agent, roles=["developer"], count=2)
+        assert any(lease.locks for lease in leases) and all(lease.inputs for lease in leases)
+        for lease in leases:
+            assert s.pull_payload(lease) == s.PullOutSerializer(s.pull_payload(lease)).data
+            assert s.pull_payload(lease) == dict(s.PullOutSerializer(_as_objects(lease)).data)
+
+
+def _as_objects(lease):
+    """The payload a serializer would be handed with Python objects (UUIDs, datetimes) in it."""
+    step, workflow = lease.step, lease.step.workflow
+    return {"step": {"id": step.id, "key": step.key, "name": step.name, "description": step.description,
+                     "role": step.role, "attempt": step.attempt, "files": step.files, "inputs": lease.inputs},
+            "workflow": {"id": workflow.id, "name": workflow.name, "project": workflow.project.name},
+            "lease": {"token": lease.token, "expires_at": lease.expires_at, "ttl_s": step.lease_ttl_s,
+                      "locks": [{"id": lock.id, "path": lock.path, "mode": lock.mode, "fencing": lock.fencing,
+                                 "expires_at": lock.expires_at} for lock in lease.locks],
+                      "traceparent": None}}
