@@ -233,7 +233,9 @@ class Workflow(models.Model):
 
 class Step(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="steps")
+    # No index of its own: `step_key_unique_in_workflow` and `step_workflow_status` start with it (every index
+    # of a hot table is written on every change of a row: see BENCHMARKS.md section 8).
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="steps", db_index=False)
     key = models.CharField(max_length=100, validators=[key_validator])
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True, default="")
@@ -261,12 +263,12 @@ class Step(models.Model):
     available_at = models.DateTimeField(null=True, blank=True)
     # The current lease, while in progress.
     lease_agent = models.ForeignKey(
-        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="leased_steps"
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="leased_steps", db_index=False
     )
     lease_token_hash = models.CharField(max_length=64, blank=True, default="", editable=False)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     lease_attempt = models.ForeignKey(
-        "Attempt", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+        "Attempt", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False, db_index=False
     )
     # Leases handed back without fault (a pause, a worker shutting down): not charged
     # against max_attempts. Attempts used = attempt - attempts_released.
@@ -313,6 +315,11 @@ class Step(models.Model):
             ),
             models.Index(fields=["lease_agent"], name="step_leased_by", condition=Q(status=StepStatus.IN_PROGRESS)),
             models.Index(fields=["workflow", "status"], name="step_workflow_status"),
+            # The foreign keys' own indexes (a deleted agent or attempt is looked up by them), without the NULLs
+            # of every step not leased: a step changes status without writing to them.
+            models.Index(fields=["lease_agent"], name="step_lease_agent", condition=Q(lease_agent__isnull=False)),
+            models.Index(fields=["lease_attempt"], name="step_lease_attempt",
+                         condition=Q(lease_attempt__isnull=False)),
         ]
 
     def __str__(self) -> str:
@@ -352,7 +359,8 @@ class Attempt(models.Model):
     """One lease of a step to an agent: the history of who held it and how it ended."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="attempts")
+    # No index of its own: `attempt_number_unique` starts with it.
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="attempts", db_index=False)
     agent = models.ForeignKey(Agent, null=True, on_delete=models.SET_NULL, related_name="attempts")
     number = models.PositiveIntegerField()
     lease_token_hash = models.CharField(max_length=64, editable=False)
@@ -388,7 +396,8 @@ class Iteration(models.Model):
     """One Reason+Act iteration of an attempt: streamed by heartbeats, completed by the report."""
 
     id = models.BigAutoField(primary_key=True)
-    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="iterations")
+    # No index of its own: `iteration_unique` starts with it.
+    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="iterations", db_index=False)
     index = models.PositiveIntegerField()
     thought = models.TextField(blank=True, default="")
     action = models.TextField(blank=True, default="")
@@ -527,7 +536,9 @@ class Event(models.Model):
     """Append-only log of every state change, numbered per workflow (`seq`)."""
 
     id = models.BigAutoField(primary_key=True)
-    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    # No index of its own: `event_seq_unique_per_workflow` starts with it.
+    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.CASCADE, related_name="events",
+                                 db_index=False)
     seq = models.BigIntegerField(null=True, blank=True)
     kind = models.CharField(max_length=64)
     step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")

@@ -54,3 +54,28 @@ class ConstraintTests:
         expires = timezone.now()
         Attempt.objects.create(step=a, number=1, lease_token_hash="x" * 64, expires_at=expires)
         _refused(lambda: Attempt.objects.create(step=a, number=2, lease_token_hash="y" * 64, expires_at=expires))
+
+
+class HotTableIndexTests:
+    def test_the_tables_every_pull_and_report_write_carry_exactly_these_indexes(self):
+        """Each index is written on every change of a row: none is redundant, and none of the unique ones went
+        missing (Django's AlterField of a foreign key once dropped `attempt_one_open` with the key's own index)."""
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT tablename, indexname FROM pg_indexes WHERE tablename = ANY(%s)",
+                           [["coordination_step", "coordination_attempt", "coordination_event",
+                             "coordination_iteration"]])
+            found = {(table.removeprefix("coordination_"), name) for table, name in cursor.fetchall()}
+        assert found == {
+            ("step", "coordination_step_pkey"), ("step", "step_key_unique_in_workflow"),
+            ("step", "step_ready_queue"), ("step", "step_lease_expiry"), ("step", "step_leased_by"),
+            ("step", "step_workflow_status"), ("step", "step_lease_agent"), ("step", "step_lease_attempt"),
+            ("attempt", "coordination_attempt_pkey"), ("attempt", "attempt_number_unique"),
+            ("attempt", "attempt_one_open"), ("attempt", "attempt_idempotency"),
+            ("attempt", "coordination_attempt_agent_id_11cabf07"),
+            ("event", "coordination_event_pkey"), ("event", "event_seq_unique_per_workflow"),
+            ("event", "event_recent"), ("event", "coordination_event_step_id_d82d0d60"),
+            ("event", "coordination_event_agent_id_2548c260"),
+            ("iteration", "coordination_iteration_pkey"), ("iteration", "iteration_unique"),
+        }
