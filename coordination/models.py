@@ -37,10 +37,6 @@ class Project(models.Model):
     # The workspace's version: one more with every change (a write, a delete, a batch), moved in the
     # transaction of the change.
     workspace_version = models.BigIntegerField(default=0)
-    # Bumped by every lock grant in the project, under its lock: a grant decided in one statement compares the
-    # value it locked with the one its snapshot saw, to know that no grant committed in between (so the live
-    # locks it checked against are all of them). See `coordination.services.file_locks`.
-    lock_seq = models.BigIntegerField(default=0, editable=False)
 
     class Meta:
         ordering = ["name"]

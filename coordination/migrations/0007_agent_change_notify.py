@@ -45,7 +45,7 @@ DROP FUNCTION coordination_agent_notify();
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('coordination', '0006_pull_and_lock_seqs'),
+        ('coordination', '0006_agent_pull_seq'),
     ]
 
     operations = [

@@ -65,11 +65,9 @@ ORDER BY near.queued, near.sort_path, near.sort_id, near.sort_at
 """
 
 # Plain SQL, one round trip for a grant: bump every path's fencing counter (creating it at 1) in one upsert
-# and insert the locks with those numbers; and the project's `lock_seq` (see `ACQUIRE_AT_ONCE_SQL`).
+# and insert the locks with those numbers.
 GRANT_SQL = """
-WITH grants AS (
-    UPDATE coordination_project SET lock_seq = lock_seq + 1 WHERE id = %(project)s
-), fence AS (
+WITH fence AS (
     INSERT INTO coordination_lockfence (project_id, path, last)
     SELECT %(project)s, p, 1 FROM unnest(%(paths)s::text[]) AS p
     ON CONFLICT (project_id, path) DO UPDATE SET last = coordination_lockfence.last + 1
@@ -92,39 +90,27 @@ WITH released AS (
 SELECT released_at, pg_notify('{channel}', project_id::text) AS notified FROM released
 """
 
-# Plain SQL, an agent's request for locks of its own (no step lease) granted in one statement run on its own,
-# when nothing stands in its way. In order:
-# 1. the project found by name and its lock taken, as `lock_order.LOCK_PROJECT_BY_NAME_SQL`, with the
-#    `lock_seq` this statement's snapshot sees;
-# 2. `lock_seq` bumped under that lock: `fresh` says no grant in the project committed since the snapshot, so
-#    the live locks it reads below are all of them (else nothing is granted: `_locks_try` decides, in a
-#    transaction that reads after the lock);
-# 3. the clock, read after the lock: what counts as expired, and the grant's date;
-# 4. whether a live lock of another holder conflicts (every row the indexed search of `LIVE_LOCKS_NEAR_SQL`
-#    finds overlaps a requested path: `_overlap_candidates`), or a request is queued in the project;
-# 5. if neither, the grant (fencing and rows, as `GRANT_SQL`) and its `locks.granted` event.
-# No row when the project does not exist; `granted` false when anything stood in the way (nothing written but
-# `lock_seq`): the transaction path then answers, with the blockers.
+# Plain SQL, the decision on an agent's request for locks of its own (no step lease) and, when nothing stands in
+# its way, the grant, in one statement. It runs right after the project's lock was taken by the statement before
+# it (`lock_order.LOCK_PROJECT_SQL`), in the same transaction, both sent at once (`_locks_acquire_at_once`),
+# so its snapshot sees every grant and release committed before the lock. In order: the clock, read after the
+# lock (what counts as expired, and the grant's date); whether a live lock of another holder conflicts (every row
+# the indexed search of `LIVE_LOCKS_NEAR_SQL` finds overlaps a requested path: `_overlap_candidates`) or a request
+# is queued in the project; if neither, the grant (fencing and rows, as `GRANT_SQL`) and its `locks.granted` event.
+# `granted` false when anything stood in the way (nothing written): the transaction path then names the blockers.
 ACQUIRE_AT_ONCE_SQL = f"""
 WITH project AS MATERIALIZED (
-    SELECT p.id, p.name, p.lock_seq AS seen_seq,
-           pg_advisory_xact_lock(('x' || substr(replace(p.id::text, '-', ''), 1, 16))::bit(64)::bigint) AS locked
-    FROM coordination_project p WHERE p.name = %(name)s
-), bump AS MATERIALIZED (
-    UPDATE coordination_project p SET lock_seq = p.lock_seq + 1
-    FROM project WHERE p.id = project.id
-    RETURNING p.lock_seq = project.seen_seq + 1 AS fresh, clock_timestamp() AS now
+    SELECT p.id, p.name, clock_timestamp() AS now FROM coordination_project p WHERE p.id = %(project)s
 ), ok AS MATERIALIZED (
-    SELECT project.id, project.name, bump.now FROM project, bump
-    WHERE bump.fresh
-      AND NOT EXISTS (
+    SELECT project.id, project.name, project.now FROM project
+    WHERE NOT EXISTS (
           SELECT 1 FROM coordination_filelock l
-          WHERE l.project_id = project.id AND l.released_at IS NULL AND l.expires_at > bump.now
+          WHERE l.project_id = project.id AND l.released_at IS NULL AND l.expires_at > project.now
             AND (l.path = ANY(%(exact)s::text[]) OR l.path LIKE ANY(%(prefixes)s::text[]))
             AND (%(mode)s = 'write' OR l.mode = 'write')
             AND NOT (l.agent_id IS NOT DISTINCT FROM %(agent)s::uuid AND l.step_id IS NULL))
       AND NOT EXISTS (
-          SELECT 1 FROM coordination_lockwaiter w WHERE w.project_id = project.id AND w.expires_at > bump.now)
+          SELECT 1 FROM coordination_lockwaiter w WHERE w.project_id = project.id AND w.expires_at > project.now)
 ), fence AS (
     INSERT INTO coordination_lockfence (project_id, path, last)
     SELECT ok.id, p, 1 FROM ok, unnest(%(paths)s::text[]) AS p
@@ -484,25 +470,50 @@ def locks_acquire(
                 notify.notify_locks([waiter_row.project_id])
 
 
+# Project ids by name, for the lock taken before `ACQUIRE_AT_ONCE_SQL`: a name always names the same project
+# (names never change; a project deleted and made again under its name is found missing, and looked up again).
+_project_ids: dict[str, UUID] = {}
+
+
 def _locks_acquire_at_once(*, agent: Agent, project_name: str, paths: list[str], mode: str,
                            ttl_s: int) -> list[FileLock] | None:
-    """Locks of the agent's own granted in one statement (`ACQUIRE_AT_ONCE_SQL`), or None when it could not
-    grant them alone (a conflict, a queued request, a grant committed meanwhile, no such project, or PostgreSQL
-    refused it for a conflict): `locks_acquire` then decides in a transaction, and says why."""
+    """Locks of the agent's own granted in one round trip, or None when that could not grant them (a conflict,
+    a queued request, no such project, a caller's transaction, or PostgreSQL refused it for a conflict):
+    `locks_acquire` then decides in a transaction of its own, and says why.
+
+    The project's lock, the decision with the grant (`ACQUIRE_AT_ONCE_SQL`) and the commit are sent together
+    (psycopg's pipeline mode): the lock is held only while PostgreSQL runs them, never while this process
+    waits for its turn to run Python, which is what serialised concurrent grants in a project.
+    """
+    if connection.in_atomic_block:
+        return None
+    project_id = _project_ids.get(project_name)
+    if project_id is None:
+        project_id = Project.objects.filter(name=project_name).values_list("id", flat=True).first()
+        if project_id is None:
+            return None  # the transaction path creates 'default', or says the project does not exist
+        _project_ids[project_name] = project_id
     now = timezone.now()
     exact, prefixes = _overlap_candidates(paths)
     ids = [uuid.uuid4() for _ in paths]
+    connection.ensure_connection()
+    raw = connection.connection
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(ACQUIRE_AT_ONCE_SQL, {
-                "name": project_name, "exact": exact, "prefixes": prefixes, "mode": mode, "agent": agent.id,
-                "agent_name": agent.name, "paths": paths, "ids": ids, "ttl": ttl_s, "now": now})
-            found = rows.fetch_all_named(cursor)
+        with connection.cursor() as locked, connection.cursor() as decided:
+            with connection.wrap_database_errors, raw.pipeline(), raw.transaction():
+                locked.execute(lock_order.LOCK_PROJECT_SQL, {"key": lock_order.advisory_key(project_id)})
+                decided.execute(ACQUIRE_AT_ONCE_SQL, {
+                    "project": project_id, "exact": exact, "prefixes": prefixes, "mode": mode, "agent": agent.id,
+                    "agent_name": agent.name, "paths": paths, "ids": ids, "ttl": ttl_s, "now": now})
+            found = rows.fetch_all_named(decided)
     except OperationalError as exc:
-        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
+        if lock_order.conflict_reason(exc) is None:
             raise
         return None
-    if not found or not found[0]["granted"]:
+    if not found:
+        _project_ids.pop(project_name, None)  # deleted since: the transaction path answers
+        return None
+    if not found[0]["granted"]:
         return None
     project = Project(id=found[0]["project_id"], name=project_name)
     locks = []

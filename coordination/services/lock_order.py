@@ -2,7 +2,8 @@
 
 Every transaction that waits for more than one lock takes them in this order:
 
-1. the agent row (a pull: its capacity check and its grant are one decision);
+1. the agent row (a pull: its capacity check and its grant are one decision;
+   taken by bumping its `pull_seq`);
 2. steps, by ascending id, all a transaction will change taken in one statement
    (`ORDER BY id FOR UPDATE`): a report locks its step with the dependents it may
    release or skip, a cancel every live step of the workflow, a retry or a
@@ -23,6 +24,17 @@ wait on each other. Locks that never wait do not count: a pull claims its step
 with `SKIP LOCKED` after the agent and may pass over a step whose files are
 locked, and a second project in the same pull is only *tried*
 (`pg_try_advisory_xact_lock`), never waited for.
+
+The common pull, report and lock release are each one statement run on its own
+(no transaction round trips), and the common lock grant is two statements sent
+at once (the project's lock, then the decision); they take the same locks in the
+same order within the statement: a locking CTE is read whole (`count(*)`), since
+a CTE runs only as far as its reader reads. A statement reads in a snapshot taken
+before it waited for its first lock, so the one-statement pull, whose decision
+depends on leases others commit under the agent's lock, compares the `pull_seq`
+it bumped under that lock with the value its snapshot saw; when another pull
+committed in between it changes nothing, and the same decision is taken again in
+a transaction that reads after the lock.
 
 What PostgreSQL still refuses (a deadlock, a serialization failure, a lock wait
 timeout) is retried by `retrying` in a new transaction, a bounded number of

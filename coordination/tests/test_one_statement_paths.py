@@ -92,11 +92,14 @@ class OneStatementPullTests:
 
 
 class OneStatementLockTests:
-    def test_an_uncontended_acquire_is_one_statement(self, developer, other_developer):
-        file_locks.locks_acquire(agent=developer.agent, paths=["warm.md"], mode="write")  # the project exists
+    def test_an_uncontended_acquire_is_the_projects_lock_and_one_statement(self, developer, other_developer):
+        for path in ("warm.md", "warm-2.md"):  # the project exists, and this process knows its id
+            file_locks.locks_acquire(agent=developer.agent, paths=[path], mode="write")
         with CaptureQueriesContext(connection) as queries:
             locks = file_locks.locks_acquire(agent=developer.agent, paths=["src/", "b.md"], mode="read", ttl_s=90)
-        assert len(queries) == 1, [query["sql"][:80] for query in queries]
+        # Sent together: the project's lock, then the decision and grant.
+        assert len(queries) == 2, [query["sql"][:80] for query in queries]
+        assert "pg_advisory_xact_lock" in queries[0]["sql"] and "INSERT INTO coordination_filelock" in queries[1]["sql"]
         assert [(lock.path, lock.mode) for lock in locks] == [("b.md", "read"), ("src/", "read")]
         stored = {lock.path: lock for lock in FileLock.objects.filter(agent=developer.agent, released_at=None)}
         assert {lock.path: lock.fencing for lock in locks} == {path: stored[path].fencing for path in ("b.md", "src/")}
@@ -126,8 +129,8 @@ class OneStatementLockTests:
 
         thread, errors = _in_thread(grant_src_to_the_other_agent)
         assert granted.wait(10)
-        # This request's snapshot predates the other grant's commit; it waits for the project's lock, and must
-        # then see that `src/` is held.
+        # This request waits for the project's lock while the other grant commits, and must then see that
+        # `src/` is held.
         with pytest.raises(LockConflict):
             file_locks.locks_acquire(agent=developer.agent, paths=["src/app.py"], mode="write")
         thread.join(10)

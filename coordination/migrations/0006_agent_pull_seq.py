@@ -15,9 +15,4 @@ class Migration(migrations.Migration):
             name='pull_seq',
             field=models.BigIntegerField(default=0, editable=False),
         ),
-        migrations.AddField(
-            model_name='project',
-            name='lock_seq',
-            field=models.BigIntegerField(default=0, editable=False),
-        ),
     ]
