@@ -4,7 +4,7 @@ Every pull, heartbeat, report and lock call authenticates; reading the agent
 was one statement of each. The cache answers instead, and stays correct by
 being told of every change:
 
-1. A trigger on `coordination_agent` (migration 0006) sends `NOTIFY am_agents,
+1. A trigger on `coordination_agent` (migration 0007) sends `NOTIFY am_agents,
    '<agent id>'` when a row changes (not for a `last_seen_at` touch) or is
    deleted; PostgreSQL delivers it at commit to the listener thread of every
    process (`coordination/notify.py`), which drops that agent here. So a change

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 STEP_READY = "am_step_ready"  # payload: "<role>:<how many steps became ready>" (or a bare role: wake all)
 LOCKS = "am_locks"  # payload: a project id
-# Sent by the triggers of migration 0006 when an agent row changes (not for a `last_seen_at` touch); payload: the
+# Sent by the triggers of migration 0007 when an agent row changes (not for a `last_seen_at` touch); payload: the
 # agent's id, or "*" after a TRUNCATE.
 AGENTS = "am_agents"
 CHANNELS = (STEP_READY, LOCKS, AGENTS)

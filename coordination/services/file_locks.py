@@ -478,15 +478,13 @@ _project_ids: dict[str, UUID] = {}
 def _locks_acquire_at_once(*, agent: Agent, project_name: str, paths: list[str], mode: str,
                            ttl_s: int) -> list[FileLock] | None:
     """Locks of the agent's own granted in one round trip, or None when that could not grant them (a conflict,
-    a queued request, no such project, a caller's transaction, or PostgreSQL refused it for a conflict):
-    `locks_acquire` then decides in a transaction of its own, and says why.
+    a queued request, no such project, or PostgreSQL refused it for a conflict): `locks_acquire` then decides
+    in a transaction of its own, and says why.
 
-    The project's lock, the decision with the grant (`ACQUIRE_AT_ONCE_SQL`) and the commit are sent together
-    (psycopg's pipeline mode): the lock is held only while PostgreSQL runs them, never while this process
+    The project's lock and the decision with the grant (`ACQUIRE_AT_ONCE_SQL`) are sent together
+    (`lock_order.run_after_lock`): the lock is held only while PostgreSQL runs them, never while this process
     waits for its turn to run Python, which is what serialised concurrent grants in a project.
     """
-    if connection.in_atomic_block:
-        return None
     project_id = _project_ids.get(project_name)
     if project_id is None:
         project_id = Project.objects.filter(name=project_name).values_list("id", flat=True).first()
@@ -496,18 +494,14 @@ def _locks_acquire_at_once(*, agent: Agent, project_name: str, paths: list[str],
     now = timezone.now()
     exact, prefixes = _overlap_candidates(paths)
     ids = [uuid.uuid4() for _ in paths]
-    connection.ensure_connection()
-    raw = connection.connection
     try:
-        with connection.cursor() as locked, connection.cursor() as decided:
-            with connection.wrap_database_errors, raw.pipeline(), raw.transaction():
-                locked.execute(lock_order.LOCK_PROJECT_SQL, {"key": lock_order.advisory_key(project_id)})
-                decided.execute(ACQUIRE_AT_ONCE_SQL, {
-                    "project": project_id, "exact": exact, "prefixes": prefixes, "mode": mode, "agent": agent.id,
-                    "agent_name": agent.name, "paths": paths, "ids": ids, "ttl": ttl_s, "now": now})
-            found = rows.fetch_all_named(decided)
+        found = lock_order.run_after_lock(lock_order.LOCK_PROJECT_SQL, {"key": lock_order.advisory_key(project_id)},
+                                          ACQUIRE_AT_ONCE_SQL, {
+                                              "project": project_id, "exact": exact, "prefixes": prefixes,
+                                              "mode": mode, "agent": agent.id, "agent_name": agent.name,
+                                              "paths": paths, "ids": ids, "ttl": ttl_s, "now": now})
     except OperationalError as exc:
-        if lock_order.conflict_reason(exc) is None:
+        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
             raise
         return None
     if not found:

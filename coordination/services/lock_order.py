@@ -25,16 +25,17 @@ with `SKIP LOCKED` after the agent and may pass over a step whose files are
 locked, and a second project in the same pull is only *tried*
 (`pg_try_advisory_xact_lock`), never waited for.
 
-The common pull, report and lock release are each one statement run on its own
-(no transaction round trips), and the common lock grant is two statements sent
-at once (the project's lock, then the decision); they take the same locks in the
-same order within the statement: a locking CTE is read whole (`count(*)`), since
-a CTE runs only as far as its reader reads. A statement reads in a snapshot taken
-before it waited for its first lock, so the one-statement pull, whose decision
-depends on leases others commit under the agent's lock, compares the `pull_seq`
-it bumped under that lock with the value its snapshot saw; when another pull
-committed in between it changes nothing, and the same decision is taken again in
-a transaction that reads after the lock.
+The common pull and lock release are each one statement run on its own (no
+transaction round trips); the common report and lock grant are a statement that
+takes their first locks and the statement that decides, sent together in one
+transaction (`run_after_lock`), so that the decision reads everything committed
+before those locks. Within a statement the locks are taken in the same order: a
+locking CTE is read whole (`count(*)`), since a CTE runs only as far as its
+reader reads. The one-statement pull reads in a snapshot taken before it waited
+for the agent's row, so it compares the `pull_seq` it bumped under that lock
+with the value its snapshot saw; when another pull of the agent committed in
+between it changes nothing, and the decision is taken again in a transaction
+that reads after the lock.
 
 What PostgreSQL still refuses (a deadlock, a serialization failure, a lock wait
 timeout) is retried by `retrying` in a new transaction, a bounded number of
@@ -213,6 +214,37 @@ def locked_step(step_id: UUID, *, along: Along = Along.NONE, replay_for: tuple[s
     replay = row["replay"]
     step.replay = rows.json_value(replay)
     return step
+
+
+# Plain SQL: the step and its direct dependents locked in id order, read whole (see `_LOCKED_STEP_SQL`); run
+# before a statement that must read them as they are once locked (`run_after_lock`).
+LOCK_STEP_AND_DEPENDENTS_SQL = f"""
+SELECT count(*) AS locked FROM (
+    SELECT t.id FROM coordination_step t WHERE {_ALONG_SQL[Along.DEPENDENTS]} ORDER BY t.id FOR UPDATE
+) AS targets
+"""
+
+
+def run_after_lock(lock_sql: str, lock_params: dict[str, Any], sql: str, params: dict[str, Any]) -> list[dict]:
+    """Run `lock_sql`, then `sql`, in one transaction, sent to PostgreSQL together (psycopg's pipeline mode):
+    one round trip, and `sql` reads in a snapshot taken once the locks of `lock_sql` are held, so it sees
+    everything committed before them. The locks are held only while PostgreSQL runs the two, never while
+    this process waits for its turn to run Python. Returns the rows of `sql`.
+
+    In a caller's transaction the two run one after the other in it.
+    """
+    if connection.in_atomic_block:
+        with connection.cursor() as cursor:
+            cursor.execute(lock_sql, lock_params)
+            cursor.execute(sql, params)
+            return rows.fetch_all_named(cursor)
+    connection.ensure_connection()
+    raw = connection.connection
+    with connection.cursor() as locked, connection.cursor() as decided:
+        with connection.wrap_database_errors, raw.pipeline(), raw.transaction():
+            locked.execute(lock_sql, lock_params)
+            decided.execute(sql, params)
+        return rows.fetch_all_named(decided)
 
 
 # Plain SQL: `FOR UPDATE` in id order with the statuses as they are once locked (one round trip).

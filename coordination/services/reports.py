@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from agents.llm.base import Usage  # one definition for workers and server
 from coordination import notify, rows, tracing
-from coordination.errors import InvalidState, StaleLease
+from coordination.errors import InvalidState, ServiceError, StaleLease
 from coordination.events import event_published
 from coordination.models import STEP_COUNTER_FIELDS, Agent, Attempt, AttemptOutcome, Event, Result, Step, StepStatus, WorkflowStatus
 from coordination.services import event_log, file_locks, leases, lock_order, tokens, workflow_control
@@ -157,30 +157,24 @@ def _completion_sql(template: str, from_status: str) -> str:
 COMPLETE_SQL = {status: _completion_sql(_COMPLETE_SQL, status) for status in (StepStatus.IN_PROGRESS, StepStatus.READY)}
 
 
-# Plain SQL, the whole of a completed report in one statement run on its own (no BEGIN, no COMMIT: one round
-# trip, and the workflow row is held only while it runs). `targets` locks the step and its dependents in id
-# order (lock order rule 2), as `lock_order.locked_step` does; every write below is joined to `step`, the
-# UPDATE that applies only while the sender holds a live lease on it (re-checked on the row's newest version
-# if another transaction changed it meanwhile), so when the lease check fails nothing at all is written, no
-# row comes back, and `step_report` takes the full path (a repeated report's answer, a stale lease, a 403).
-# Then, as in `_COMPLETE_SQL`: the attempt and its reasoning iterations, the dependents it releases (with their
-# NOTIFY), its file locks (with theirs, and one `locks.released` event per holder), the workflow's counters,
-# spend and event numbers, the events, the `Result` with the answer a repeated report gets, and the agent's
-# usage (the last lock).
+# Plain SQL, the whole of a completed report in one statement. It runs right after the step and its dependents
+# were locked in id order (lock order rule 2: `lock_order.LOCK_STEP_AND_DEPENDENTS_SQL`), in the same transaction,
+# both sent at once (`lock_order.run_after_lock`), so it reads them, and what was committed under their locks
+# (a lock taken under the step, a dependent un-skipped by a retry), as they are once locked. Every write below
+# is joined to `step`, the UPDATE that applies only while the sender holds a live lease on it, so when the
+# lease check fails nothing at all is written, no row comes back, and `step_report` takes the full path (a
+# repeated report's answer, a stale lease, a 403). Then, as in `_COMPLETE_SQL`: the attempt and its reasoning
+# iterations, the dependents it releases (with their NOTIFY), its file locks (with theirs, and one
+# `locks.released` event per holder), the workflow's counters, spend and event numbers, the events, the `Result`
+# with the answer a repeated report gets, and the agent's usage (the last lock).
 _REPORT_COMPLETED_SQL = """
-WITH targets AS MATERIALIZED (
-    SELECT t.id FROM coordination_step t
-    WHERE t.id IN (SELECT %(step)s::uuid UNION ALL
-                   SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s)
-    ORDER BY t.id
-    FOR UPDATE
-), step AS (
+WITH step AS (
     UPDATE coordination_step s
     SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
         finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
         updated_at = %(now)s
     WHERE s.id = %(step)s AND s.status = 'in_progress' AND s.lease_agent_id = %(agent)s
-      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s AND (SELECT count(*) FROM targets) > 0
+      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s
     RETURNING s.id, s.key, s.role, s.workflow_id
 ), attempt AS (
     -- The attempt whose lease token this is: the step's current one (the grant stores both hashes together).
@@ -329,9 +323,10 @@ def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outco
 
 
 def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any] | None:
-    """A completed report from the live lease's holder, applied by one statement (`REPORT_COMPLETED_SQL`).
+    """A completed report from the live lease's holder, applied by one statement (`REPORT_COMPLETED_SQL`) sent
+    with the locks of its step and dependents.
 
-    The common case of a report costs one round trip and no transaction of its own.
+    The common case of a report costs one round trip.
     None when it did not apply (not the live lease's holder, a repeated report, or
     PostgreSQL refused it for a conflict): nothing was written, and the caller takes
     the full path, which tells those cases apart. Settling the workflow (finished,
@@ -343,24 +338,24 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
     usage = outcome.usage
     iterations = list({it.index: it for it in outcome.iterations}.values())
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(REPORT_COMPLETED_SQL, {
-                "now": now, "step": step_id, "agent": agent.id, "agent_name": agent.name,
-                "hash": tokens.token_hash(lease_token or ""), "result": uuid4(),
-                "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
-                "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
-                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "execution_time_s": outcome.execution_time_s, "n_completed": 1,
-                "indexes": [it.index for it in iterations], "thoughts": [it.thought for it in iterations],
-                "actions": [it.action for it in iterations], "observations": [it.observation for it in iterations],
-            })
-            row = rows.fetch_named(cursor)
+        found = lock_order.run_after_lock(lock_order.LOCK_STEP_AND_DEPENDENTS_SQL, {"step": step_id},
+                                          REPORT_COMPLETED_SQL, {
+            "now": now, "step": step_id, "agent": agent.id, "agent_name": agent.name,
+            "hash": tokens.token_hash(lease_token or ""), "result": uuid4(),
+            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
+            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "execution_time_s": outcome.execution_time_s, "n_completed": 1,
+            "indexes": [it.index for it in iterations], "thoughts": [it.thought for it in iterations],
+            "actions": [it.action for it in iterations], "observations": [it.observation for it in iterations],
+        })
     except OperationalError as exc:
         if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
             raise
         return None  # rolled back whole; the full path retries it
-    if row is None:
+    if not found:
         return None
+    row = found[0]
     workflow_id = row["id"]
     snapshot = WorkflowSnapshot.from_row(workflow_id, row, events=row["event_seq"] - row["first_seq"] + 1)
     released = list(row["released_keys"])
@@ -382,7 +377,12 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
                       started_at=row["attempt_started_at"], ended_at=now, outcome=AttemptOutcome.COMPLETED)
     tracing.attempt_ended(step=step, attempt=attempt, agent_name=agent.name)
     if answer_status != snapshot.status:
-        workflow_control.workflow_settle(workflow_id=workflow_id)
+        try:
+            workflow_control.workflow_settle(workflow_id=workflow_id)
+        except (ServiceError, OperationalError):
+            # The report stands (committed); the sweep settles the workflow (`workflows_settle_sweep`).
+            logger.warning("Workflow %s was not settled after step %s's report; the sweep will settle it.",
+                           workflow_id, step_id, exc_info=True)
     return response
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection
-from django.db.models import Count, F, Q
+from django.db import OperationalError, connection
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from coordination import notify, rows, tracing
-from coordination.errors import InvalidRequest, InvalidState, NotFound
+from coordination.errors import InvalidRequest, InvalidState, NotFound, ServiceError
 from coordination.models import (
     TERMINAL_WORKFLOW_STATUSES,
     Agent,
@@ -35,6 +36,8 @@ from coordination.services.workflow_counters import (
     workflow_move,
 )
 
+logger = logging.getLogger(__name__)
+
 MAX_NAME = 200
 PRIORITY_MAX = 1_000_000
 
@@ -49,14 +52,18 @@ FROM old WHERE s.id = old.id
 RETURNING old.status AS old_status, s.id
 """
 
-# Plain SQL: a recursive walk down the graph in the same UPDATE that reopens what it finds.
+# Plain SQL: a recursive walk down the graph in the same UPDATE that reopens what it finds. Each reopened step
+# counts its dependencies not completed anew: a completion while it was skipped did not count down for it (it
+# only counts down pending steps), and the retried step upstream keeps at least one open.
 UNSKIP_DOWNSTREAM_SQL = """
 WITH RECURSIVE down(id) AS (
     SELECT e.step_id FROM coordination_stepdependency e WHERE e.depends_on_id = %(step)s
     UNION
     SELECT e.step_id FROM coordination_stepdependency e JOIN down d ON e.depends_on_id = d.id
 )
-UPDATE coordination_step s SET status = 'pending', finished_at = NULL, updated_at = %(now)s
+UPDATE coordination_step s SET status = 'pending', finished_at = NULL, updated_at = %(now)s,
+    remaining_deps = (SELECT count(*) FROM coordination_stepdependency e JOIN coordination_step d ON d.id = e.depends_on_id
+                      WHERE e.step_id = s.id AND d.status <> 'completed')
 FROM down WHERE s.id = down.id AND s.status = 'skipped'
 RETURNING s.key
 """
@@ -255,17 +262,21 @@ def workflow_settle(*, workflow_id: UUID) -> str:
     return settle_workflow(snapshot)
 
 
-# Running or paused workflows whose counters say they have settled: nothing ready or in progress (finished),
-# or running past a budget (to pause).
-_UNSETTLED = (
-    Q(status__in=[WorkflowStatus.RUNNING, WorkflowStatus.PAUSED], n_ready=0, n_in_progress=0)
-    | Q(status=WorkflowStatus.RUNNING, budget_usd__isnull=False, spent_usd__gte=F("budget_usd"))
-    | Q(status=WorkflowStatus.RUNNING, budget_tokens__isnull=False, spent_tokens__gte=F("budget_tokens"))
-)
+# Running or paused workflows whose counters say nothing more can run (nothing ready or in progress). Over-budget
+# workflows are not swept: the next report pauses one, and a person may have resumed it on purpose.
+_UNSETTLED = Q(status__in=[WorkflowStatus.RUNNING, WorkflowStatus.PAUSED], n_ready=0, n_in_progress=0)
 
 
 def workflows_settle_sweep(*, limit: int = 100) -> int:
-    """Settle workflows a report left unsettled (its process ended between its statement and `workflow_settle`),
-    each in its own transaction (Celery beat, with the lease sweep). Returns how many changed status."""
-    ids = list(Workflow.objects.filter(_UNSETTLED).order_by("updated_at").values_list("id", "status")[:limit])
-    return sum(1 for workflow_id, status in ids if workflow_settle(workflow_id=workflow_id) != status)
+    """Settle workflows a report left unsettled (its process ended, or the database refused, between its
+    statement and `workflow_settle`), each in its own transaction (Celery beat, with the lease sweep).
+    Returns how many changed status; one that cannot be settled now is logged and left for the next sweep."""
+    changed = 0
+    for workflow_id, status in Workflow.objects.filter(_UNSETTLED).order_by("updated_at").values_list(
+            "id", "status")[:limit]:
+        try:
+            changed += workflow_settle(workflow_id=workflow_id) != status
+        except (ServiceError, OperationalError):
+            logger.warning("Could not settle workflow %s now; the next sweep tries again.", workflow_id,
+                           exc_info=True)
+    return changed

@@ -166,9 +166,11 @@ class AnswerShapeTests:
         workflow_creation.workflow_create(spec=workflow_spec(
             step("A"), step("B", "A", files=(("src/b.py", "write"), ("docs/", "read"))), step("C", "A")))
         first = _pull(developer).json()
-        answer = report(developer, first["step"]["id"], first["lease"]["token"], final_result="a",
-                        outputs={"n": 1}).json()
-        assert answer == s.ReportOutSerializer(answer).data
+        result = reports.step_report(step_id=uuid.UUID(first["step"]["id"]), agent=developer.agent,
+                                     lease_token=first["lease"]["token"],
+                                     outcome=reports.Outcome(status="completed", final_result="a"))
+        assert s.report_payload(result) == s.ReportOutSerializer(result).data
+        assert report(developer, first["step"]["id"], first["lease"]["token"]).json() == s.report_payload(result)
         leases = pull.steps_pull(agent=developer.agent, roles=["developer"], count=2)
         assert any(lease.locks for lease in leases) and all(lease.inputs for lease in leases)
         for lease in leases:

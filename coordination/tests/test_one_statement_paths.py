@@ -139,6 +139,39 @@ class OneStatementLockTests:
             == ["src/"]
 
 
+class OneStatementReportRaceTests:
+    def test_a_lock_taken_under_the_step_while_its_report_waits_is_released_with_it(self, developer, step,
+                                                                                     workflow_spec):
+        from coordination.services import reports
+        from coordination.tests.agent_calls import pull as api_pull
+
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
+        step_id, token = api_pull(developer)
+        granted = threading.Event()
+
+        def lock_under_the_step() -> None:
+            with transaction.atomic():
+                attempt = file_locks._locks_try(agent=developer.agent, project_name=None, paths=["src/a.py"],
+                                                mode="write", step_id=step_id, lease_token=token, ttl_s=60,
+                                                waiter_id=None)
+                assert attempt.granted
+                granted.set()
+                with connection.cursor() as cursor:
+                    _wait_until_a_backend_waits_on_a_lock(cursor)
+
+        thread, errors = _in_thread(lock_under_the_step)
+        assert granted.wait(10)
+        # The report waits for the step's row while the lock commits; it must see the lock and release it.
+        answer = reports.step_report(step_id=step_id, agent=developer.agent, lease_token=token,
+                                     outcome=reports.Outcome(status="completed"))
+        thread.join(10)
+        assert not errors, errors
+        assert answer["released"] == ["B"]
+        lock = FileLock.objects.get(path="src/a.py")
+        assert (lock.released_at is not None, lock.release_reason) == (True, "completed")
+        assert Event.objects.filter(kind="locks.released", step_id=step_id).count() == 1
+
+
 class StepLockOrderTests:
     def test_locking_a_step_with_its_dependents_locks_every_one_of_them_at_once(self, developer, step,
                                                                                  workflow_spec):

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from agents.llm.base import Usage
 from coordination import tasks
+from coordination.errors import Busy
 from coordination.models import AgentUsage, Attempt, Event, FileLock, Result, Step
 from coordination.services import reports, workflow_control, workflow_creation
 from coordination.services.leases import IterationIn
@@ -147,7 +148,8 @@ def _outcome(**fields) -> reports.Outcome:
 
 
 class OneStatementReportTests:
-    """The common report (completed, by the live lease's holder) is one statement; the rest follows the full path."""
+    """The common report (completed, by the live lease's holder) is one statement after its step's locks; the rest
+    follows the full path."""
 
     def test_a_completed_report_is_one_statement_that_changes_everything_it_should(self, developer, step,
                                                                                   workflow_spec):
@@ -159,7 +161,9 @@ class OneStatementReportTests:
                            usage=Usage(model="m", prompt_tokens=7, completion_tokens=3, cost_usd=Decimal("0.25")))
         with CaptureQueriesContext(connection) as queries:
             answer = reports.step_report(step_id=step_id, agent=developer.agent, lease_token=token, outcome=outcome)
-        assert len(queries) == 1, [query["sql"][:80] for query in queries]
+        # Sent together: the step and its dependents locked, then the report.
+        assert len(queries) == 2, [query["sql"][:80] for query in queries]
+        assert "FOR UPDATE" in queries[0]["sql"] and "INSERT INTO coordination_result" in queries[1]["sql"]
         assert answer == {"step_id": step_id, "status": "completed", "workflow_status": "running", "released": ["B"]}
         a = Step.objects.get(id=step_id)
         assert (a.status, a.final_result, a.outputs, a.lease_agent_id, a.lease_attempt_id) == (
@@ -227,9 +231,14 @@ class OneStatementReportTests:
                                                                                  step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         step_id, token = pull(developer)
-        # The reporting process dies between its statement and settling the workflow.
-        monkeypatch.setattr(reports.workflow_control, "workflow_settle", lambda **kwargs: None)
-        assert report(developer, step_id, token).json()["workflow_status"] == "completed"
+        # The database refuses to settle the workflow right after the report (as if the reporting process died
+        # in between): the report stands and says so, and the sweep settles the workflow.
+        def busy(**kwargs):
+            raise Busy("The server was busy (a deadlock with another transaction, 4 times).", retryable=True)
+
+        monkeypatch.setattr(reports.workflow_control, "workflow_settle", busy)
+        response = report(developer, step_id, token)
+        assert response.status_code == 200 and response.json()["workflow_status"] == "completed"
         workflow.refresh_from_db()
         assert workflow.status == "running" and workflow.n_completed == 1
         monkeypatch.undo()
@@ -238,3 +247,34 @@ class OneStatementReportTests:
         assert (workflow.status, workflow.audit_status) == ("completed", "pending")
         assert Event.objects.filter(workflow=workflow, kind="workflow.completed").count() == 1
         assert tasks.sweep_expired()["workflows"] == 0
+
+    def test_the_sweep_leaves_a_workflow_resumed_over_its_budget_running(self, developer, owner, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"),
+                                                                        budget_usd=Decimal("0.10")))
+        step_id, token = pull(developer)
+        report(developer, step_id, token, usage={"model": "m", "prompt_tokens": 1, "completion_tokens": 1,
+                                                 "cost_usd": 0.5})
+        workflow_control.workflow_resume(workflow_id=workflow.id, user=owner)
+        assert tasks.sweep_expired()["workflows"] == 0
+        workflow.refresh_from_db()
+        assert workflow.status == "running"
+
+
+class RetryAfterSkipTests:
+    def test_a_step_skipped_while_its_other_dependency_completed_runs_once_its_failed_one_is_retried(
+            self, developer, step, workflow_spec):
+        """A and X -> D. X fails for good (D skipped), then A completes (no count-down for a skipped D), then X is
+        retried and completes: D must become ready, not wait for ever on A's count."""
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
+            step("X", max_attempts=1, priority=5), step("A"), step("D", "A", "X")))
+        x_id, x_token = pull(developer)
+        assert report(developer, x_id, x_token, status="failed", error="no", retryable=False).status_code == 200
+        assert Step.objects.get(workflow=workflow, key="D").status == "skipped"
+        a_id, a_token = pull(developer)
+        assert report(developer, a_id, a_token).status_code == 200
+        workflow_control.step_retry(step_id=x_id)
+        d = Step.objects.get(workflow=workflow, key="D")
+        assert (d.status, d.remaining_deps) == ("pending", 1)
+        x_id, x_token = pull(developer)
+        assert report(developer, x_id, x_token).json()["released"] == ["D"]
+        assert Step.objects.get(workflow=workflow, key="D").status == "ready"
