@@ -19,5 +19,6 @@ class PreparedStatementTests:
             cursor.execute("SELECT statement FROM pg_prepared_statements")
             prepared = [row[0] for row in cursor.fetchall()]
         assert any("pull_seq = a.pull_seq + 1" in statement for statement in prepared)
-        assert any("targets AS MATERIALIZED" in statement and "coordination_result" in statement
+        assert any("INSERT INTO coordination_result" in statement and "lease_token_hash = $" in statement
                    for statement in prepared)
+        assert any("ORDER BY t.id FOR UPDATE" in statement for statement in prepared)  # its step's locks
