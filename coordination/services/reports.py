@@ -60,127 +60,29 @@ usage AS (
         steps_failed = u.steps_failed + EXCLUDED.steps_failed, updated_at = EXCLUDED.updated_at
 )"""
 
-# Plain SQL, one statement for a whole completion, so the workflow row (every pull and report of the
-# workflow takes it) is held only from this statement to the commit: the attempt and the step, the
-# dependents it releases (with their NOTIFY), its locks, the workflow's counters, spend and event numbers,
-# the events, and the `Result` with the answer a repeated report gets.
+# Plain SQL, the whole of a completion in one statement: a report's (the step `in_progress` under the sender's
+# live lease) or a person's approval (the step `ready`). It runs after the step and its dependents were locked in
+# id order (lock order rule 2): for a report, by `lock_order.LOCK_STEP_AND_DEPENDENTS_SQL` sent together with it
+# (`lock_order.run_after_lock`) or by the transaction path's `locked_step`; so it reads them, and what was
+# committed under their locks (a lock taken under the step, a dependent un-skipped by a retry), as they are once
+# locked. Every write below is joined to `step`, the UPDATE that applies only when `{step_guard}` holds, so when
+# it does not nothing at all is written and no row comes back (a report then takes the full path: a repeated
+# report's answer, a stale lease, a 403). In order: the step, its attempt and reasoning iterations, the
+# dependents it releases (with their NOTIFY), its file locks (with theirs, and one `locks.released` event per
+# holder), the workflow's counters, spend and event numbers, the events, the `Result` with the answer a repeated
+# report gets, and the agent's usage (the last lock).
 _COMPLETE_SQL = """
-WITH attempt AS (
-    UPDATE coordination_attempt SET ended_at = %(now)s, outcome = 'completed' WHERE id = %(attempt)s RETURNING id
-), step AS (
-    UPDATE coordination_step
-    SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
-        finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
-        updated_at = %(now)s
-    WHERE id = %(step)s
-    RETURNING id
-), released AS (
-    UPDATE coordination_step s
-    SET remaining_deps = s.remaining_deps - 1,
-        status = CASE WHEN s.remaining_deps = 1 THEN 'ready' ELSE s.status END,
-        available_at = CASE WHEN s.remaining_deps = 1 THEN %(now)s ELSE s.available_at END,
-        updated_at = %(now)s
-    FROM coordination_stepdependency e
-    WHERE e.depends_on_id = %(step)s AND s.id = e.step_id AND s.status = 'pending'
-    RETURNING s.key, s.status, s.role
-), ready AS (
-    SELECT coalesce(array_agg(key ORDER BY key), '{{}}') AS released_keys, count(*) AS n_released,
-           -- The step-ready notifications' payloads: each role with how many of its steps became ready.
-           coalesce((SELECT array_agg(role || ':' || n) FROM (SELECT role, count(*) AS n FROM released
-                                                               WHERE status = 'ready' GROUP BY role) AS per_role),
-                    '{{}}') AS released_roles
-    FROM released WHERE status = 'ready'
-), locks AS (
-    UPDATE coordination_filelock l
-    SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = 'completed'
-    WHERE l.step_id = %(step)s AND l.released_at IS NULL
-    RETURNING l.project_id, l.agent_id, l.path, l.mode, l.fencing
-), locks_done AS (
-    SELECT count(*) AS n FROM locks
-), workflow AS (
-    -- Joined with `locks_done`, so the step's file locks are taken before the workflow row (the lock order).
-    UPDATE coordination_workflow w
-    SET event_seq = event_seq + 1 + (ready.n_released > 0)::int, {counter_sets},
-        spent_usd = spent_usd + %(usd)s, spent_tokens = spent_tokens + %(tokens)s, updated_at = statement_timestamp()
-    FROM ready, locks_done
-    WHERE w.id = %(workflow)s
-    RETURNING w.event_seq, w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens,
-              {counter_columns}, ready.released_keys, ready.released_roles, ready.n_released
-), settled AS (
-    SELECT {settled_status} AS status FROM workflow w
-), events AS (
-    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
-    SELECT %(workflow)s, w.event_seq - (w.n_released > 0)::int, 'step.completed', %(step)s, %(agent)s::uuid,
-           %(data)s::jsonb, %(now)s
-    FROM workflow w
-    UNION ALL
-    SELECT %(workflow)s, w.event_seq, 'steps.released', NULL, NULL,
-           jsonb_build_object('steps', to_jsonb(w.released_keys), 'by', %(key)s::text), %(now)s
-    FROM workflow w WHERE w.n_released > 0
-    RETURNING id, seq
-), result AS (
-    INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error, retryable, model,
-                                     prompt_tokens, completion_tokens, cost_usd, execution_time_s, response, created_at)
-    SELECT %(result)s, %(attempt)s, %(step)s, 'completed', %(final_result)s, %(outputs)s::jsonb, '', false, %(model)s,
-           %(prompt_tokens)s, %(completion_tokens)s, %(usd)s, %(execution_time_s)s,
-           jsonb_build_object('step_id', %(step)s::text, 'status', 'completed', 'workflow_status', settled.status,
-                              'released', to_jsonb(w.released_keys)),
-           %(now)s
-    FROM workflow w, settled
-    RETURNING id
-), {usage_cte}
-SELECT workflow.*, settled.status AS settled_status,
-       (SELECT count(pg_notify('{ready_channel}', r)) FROM unnest(workflow.released_roles) AS r) AS notified,
-       (SELECT coalesce(json_agg(json_build_object('project_id', project_id, 'agent_id', agent_id, 'path', path,
-                                                   'mode', mode, 'fencing', fencing)), '[]') FROM locks) AS locks,
-       (SELECT json_agg(json_build_object('id', id, 'seq', seq)) FROM events) AS events
-FROM workflow, settled, attempt, step, result
-"""
-
-
-def _completion_sql(template: str, from_status: str) -> str:
-    deltas = {STEP_COUNTER_FIELDS[from_status]: "- 1", STEP_COUNTER_FIELDS[StepStatus.COMPLETED]: "+ 1"}
-    for status, sign in ((StepStatus.PENDING, "-"), (StepStatus.READY, "+")):
-        column = STEP_COUNTER_FIELDS[status]
-        deltas[column] = f"{deltas.get(column, '')} {sign} ready.n_released".strip()
-    return template.format(
-        counter_sets=", ".join(f"{column} = w.{column} {delta}" for column, delta in deltas.items()),
-        counter_columns=", ".join(f"w.{column}" for column in COUNTER_COLUMNS),
-        settled_status=SETTLED_STATUS_SQL,
-        ready_channel=notify.STEP_READY,
-        locks_channel=notify.LOCKS,
-        usage_cte=USAGE_CTE.strip(),
-    )
-
-
-# A report completes an `in_progress` step; a person's approval completes a `ready` one.
-COMPLETE_SQL = {status: _completion_sql(_COMPLETE_SQL, status) for status in (StepStatus.IN_PROGRESS, StepStatus.READY)}
-
-
-# Plain SQL, the whole of a completed report in one statement. It runs right after the step and its dependents
-# were locked in id order (lock order rule 2: `lock_order.LOCK_STEP_AND_DEPENDENTS_SQL`), in the same transaction,
-# both sent at once (`lock_order.run_after_lock`), so it reads them, and what was committed under their locks
-# (a lock taken under the step, a dependent un-skipped by a retry), as they are once locked. Every write below
-# is joined to `step`, the UPDATE that applies only while the sender holds a live lease on it, so when the
-# lease check fails nothing at all is written, no row comes back, and `step_report` takes the full path (a
-# repeated report's answer, a stale lease, a 403). Then, as in `_COMPLETE_SQL`: the attempt and its reasoning
-# iterations, the dependents it releases (with their NOTIFY), its file locks (with theirs, and one
-# `locks.released` event per holder), the workflow's counters, spend and event numbers, the events, the `Result`
-# with the answer a repeated report gets, and the agent's usage (the last lock).
-_REPORT_COMPLETED_SQL = """
 WITH step AS (
     UPDATE coordination_step s
     SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
         finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
         updated_at = %(now)s
-    WHERE s.id = %(step)s AND s.status = 'in_progress' AND s.lease_agent_id = %(agent)s
-      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s
+    WHERE s.id = %(step)s AND {step_guard}
     RETURNING s.id, s.key, s.role, s.workflow_id
 ), attempt AS (
-    -- The attempt whose lease token this is: the step's current one (the grant stores both hashes together).
     UPDATE coordination_attempt a SET ended_at = %(now)s, outcome = 'completed'
     FROM step
-    WHERE a.step_id = step.id AND a.lease_token_hash = %(hash)s AND a.agent_id = %(agent)s
+    WHERE a.step_id = step.id AND {attempt_match}
     RETURNING a.id, a.number, a.started_at
 ), iterations AS (
     INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
@@ -231,8 +133,8 @@ WITH step AS (
 ), events AS (
     INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
     SELECT w.id, w.first_seq, 'step.completed', step.id, %(agent)s::uuid,
-           jsonb_build_object('step', step.key, 'agent', %(agent_name)s::text, 'attempt', attempt.number,
-                              'status', 'completed'), %(now)s
+           jsonb_build_object('step', step.key) || %(actor)s::jsonb
+           || jsonb_build_object('attempt', attempt.number, 'status', 'completed'), %(now)s
     FROM workflow w, step, attempt
     UNION ALL
     SELECT w.id, w.first_seq + 1, 'steps.released', NULL, NULL,
@@ -263,7 +165,34 @@ SELECT w.*, settled.status AS settled_status, step.key AS step_key, step.role AS
                                           'agent_id', agent_id, 'data', data) ORDER BY seq) FROM events) AS events
 FROM workflow w, settled, step, attempt, result
 """
-REPORT_COMPLETED_SQL = _completion_sql(_REPORT_COMPLETED_SQL, StepStatus.IN_PROGRESS)
+def _completion_sql(from_status: str, *, step_guard: str, attempt_match: str) -> str:
+    deltas = {STEP_COUNTER_FIELDS[from_status]: "- 1", STEP_COUNTER_FIELDS[StepStatus.COMPLETED]: "+ 1"}
+    for status, sign in ((StepStatus.PENDING, "-"), (StepStatus.READY, "+")):
+        column = STEP_COUNTER_FIELDS[status]
+        deltas[column] = f"{deltas.get(column, '')} {sign} ready.n_released".strip()
+    return _COMPLETE_SQL.format(
+        step_guard=step_guard,
+        attempt_match=attempt_match,
+        counter_sets=", ".join(f"{column} = w.{column} {delta}" for column, delta in deltas.items()),
+        counter_columns=", ".join(f"w.{column}" for column in COUNTER_COLUMNS),
+        settled_status=SETTLED_STATUS_SQL,
+        ready_channel=notify.STEP_READY,
+        locks_channel=notify.LOCKS,
+        usage_cte=USAGE_CTE.strip(),
+    )
+
+
+# A report completes an `in_progress` step under the sender's live lease, and the attempt its token belongs to
+# (the grant stores both hashes together); a person's approval completes a `ready` step and the attempt made for it.
+COMPLETE_SQL = {
+    StepStatus.IN_PROGRESS: _completion_sql(
+        StepStatus.IN_PROGRESS,
+        step_guard=("s.status = 'in_progress' AND s.lease_agent_id = %(agent)s AND s.lease_token_hash = %(hash)s "
+                    "AND s.lease_expires_at > %(now)s"),
+        attempt_match="a.lease_token_hash = %(hash)s AND a.agent_id = %(agent)s"),
+    StepStatus.READY: _completion_sql(StepStatus.READY, step_guard="s.status = 'ready'",
+                                      attempt_match="a.id = %(attempt)s"),
+}
 
 # Plain SQL: a finished step's `Result` and its events (from arrays) in one round trip.
 EVENTS_AND_RESULT_SQL = """
@@ -323,10 +252,9 @@ def step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outco
 
 
 def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outcome) -> dict[str, Any] | None:
-    """A completed report from the live lease's holder, applied by one statement (`REPORT_COMPLETED_SQL`) sent
-    with the locks of its step and dependents.
+    """A completed report from the live lease's holder, applied by one statement (`COMPLETE_SQL`) sent with the
+    locks of its step and dependents: the common case of a report costs one round trip.
 
-    The common case of a report costs one round trip.
     None when it did not apply (not the live lease's holder, a repeated report, or
     PostgreSQL refused it for a conflict): nothing was written, and the caller takes
     the full path, which tells those cases apart. Settling the workflow (finished,
@@ -334,49 +262,18 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
     decided again there from the counters (`workflow_control.workflow_settle`; the
     sweep settles a workflow whose process died in between).
     """
-    now = timezone.now()
-    usage = outcome.usage
-    iterations = list({it.index: it for it in outcome.iterations}.values())
     try:
-        found = lock_order.run_after_lock(lock_order.LOCK_STEP_AND_DEPENDENTS_SQL, {"step": step_id},
-                                          REPORT_COMPLETED_SQL, {
-            "now": now, "step": step_id, "agent": agent.id, "agent_name": agent.name,
-            "hash": tokens.token_hash(lease_token or ""), "result": uuid4(),
-            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
-            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "execution_time_s": outcome.execution_time_s, "n_completed": 1,
-            "indexes": [it.index for it in iterations], "thoughts": [it.thought for it in iterations],
-            "actions": [it.action for it in iterations], "observations": [it.observation for it in iterations],
-        })
+        completed = _complete(step_id=step_id, from_status=StepStatus.IN_PROGRESS, outcome=outcome,
+                              agent_id=agent.id, actor={"agent": agent.name}, now=timezone.now(),
+                              lease_hash=tokens.token_hash(lease_token or ""), locked=False)
     except OperationalError as exc:
         if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
             raise
         return None  # rolled back whole; the full path retries it
-    if not found:
+    if completed is None:
         return None
-    row = found[0]
-    workflow_id = row["id"]
-    snapshot = WorkflowSnapshot.from_row(workflow_id, row, events=row["event_seq"] - row["first_seq"] + 1)
-    released = list(row["released_keys"])
-    for item in rows.json_value(row["events"]):
-        event = Event(id=item["id"], workflow_id=workflow_id, seq=item["seq"], kind=item["kind"],
-                      step_id=item["step_id"], agent_id=item["agent_id"], data=item["data"], at=now)
-        event._state.adding = False
-        event_published(event)
-    answer_status, _ = workflow_after(snapshot)
-    response = {"step_id": str(step_id), "status": StepStatus.COMPLETED, "workflow_status": answer_status,
-                "released": released}
-    if row["settled_status"] != answer_status:
-        # As in `finish_step`: `SETTLED_STATUS_SQL` must agree with `workflow_after` (a test pins them together).
-        logger.error("Stored workflow status %s differs from %s for step %s; correcting the stored answer.",
-                     row["settled_status"], answer_status, step_id)
-        Result.objects.filter(attempt_id=row["attempt_id"]).update(response=response)
-    step = Step(id=step_id, workflow_id=workflow_id, key=row["step_key"], role=row["step_role"])
-    attempt = Attempt(id=row["attempt_id"], step_id=step_id, agent_id=agent.id, number=row["attempt_number"],
-                      started_at=row["attempt_started_at"], ended_at=now, outcome=AttemptOutcome.COMPLETED)
-    tracing.attempt_ended(step=step, attempt=attempt, agent_name=agent.name)
-    if answer_status != snapshot.status:
+    response, workflow_id, settles = completed
+    if settles:
         try:
             workflow_control.workflow_settle(workflow_id=workflow_id)
         except (ServiceError, OperationalError):
@@ -384,6 +281,61 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
             logger.warning("Workflow %s was not settled after step %s's report; the sweep will settle it.",
                            workflow_id, step_id, exc_info=True)
     return response
+
+
+def _complete(*, step_id: UUID, from_status: str, outcome: Outcome, agent_id: UUID | None, actor: dict[str, Any],
+              now: datetime, lease_hash: str = "", attempt_id: UUID | None = None,
+              locked: bool) -> tuple[dict[str, Any], UUID, bool] | None:
+    """Run `COMPLETE_SQL[from_status]`; publish its events and the attempt's span. Returns the answer, the
+    workflow's id and whether the workflow must now settle (finished, or paused over its budget); None when
+    the step's guard did not hold (nothing written).
+
+    `locked`: the caller's transaction holds the step and its dependents; else they are locked by a statement
+    sent with it (`lock_order.run_after_lock`), in a transaction of its own unless the caller has one.
+    """
+    usage = outcome.usage
+    iterations = list({it.index: it for it in outcome.iterations}.values())
+    params = {
+        "now": now, "step": step_id, "agent": agent_id, "hash": lease_hash, "attempt": attempt_id,
+        "actor": json.dumps(actor), "result": uuid4(),
+        "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
+        "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        "execution_time_s": outcome.execution_time_s, "n_completed": 1,
+        "indexes": [it.index for it in iterations], "thoughts": [it.thought for it in iterations],
+        "actions": [it.action for it in iterations], "observations": [it.observation for it in iterations],
+    }
+    if locked:
+        with connection.cursor() as cursor:
+            cursor.execute(COMPLETE_SQL[from_status], params)
+            found = rows.fetch_all_named(cursor)
+    else:
+        found = lock_order.run_after_lock(lock_order.LOCK_STEP_AND_DEPENDENTS_SQL, {"step": step_id},
+                                          COMPLETE_SQL[from_status], params)
+    if not found:
+        return None
+    row = found[0]
+    workflow_id = row["id"]
+    for item in rows.json_value(row["events"]):
+        event = Event(id=item["id"], workflow_id=workflow_id, seq=item["seq"], kind=item["kind"],
+                      step_id=item["step_id"], agent_id=item["agent_id"], data=item["data"], at=now)
+        event._state.adding = False
+        event_published(event)
+    snapshot = WorkflowSnapshot.from_row(workflow_id, row, events=row["event_seq"] - row["first_seq"] + 1)
+    answer_status, _ = workflow_after(snapshot)
+    response = {"step_id": str(step_id), "status": StepStatus.COMPLETED, "workflow_status": answer_status,
+                "released": list(row["released_keys"])}
+    if row["settled_status"] != answer_status:
+        # `SETTLED_STATUS_SQL` must agree with `workflow_after` (a test pins them together); if it ever does not,
+        # the stored answer follows Python's.
+        logger.error("Stored workflow status %s differs from %s for step %s; correcting the stored answer.",
+                     row["settled_status"], answer_status, step_id)
+        Result.objects.filter(attempt_id=row["attempt_id"]).update(response=response)
+    step = Step(id=step_id, workflow_id=workflow_id, key=row["step_key"], role=row["step_role"])
+    attempt = Attempt(id=row["attempt_id"], step_id=step_id, agent_id=agent_id, number=row["attempt_number"],
+                      started_at=row["attempt_started_at"], ended_at=now, outcome=AttemptOutcome.COMPLETED)
+    tracing.attempt_ended(step=step, attempt=attempt, agent_name=actor.get("agent"))
+    return response, workflow_id, answer_status != snapshot.status
 
 
 @lock_order.retrying
@@ -408,54 +360,10 @@ def _step_report(*, step_id: UUID, agent: Agent, lease_token: str, outcome: Outc
         raise StaleLease(
             f"The lease on step {step.key!r} ended ({ended}); the result was not applied.", step_status=step.status
         )
-    leases.store_iterations(attempt, outcome.iterations)
+    if outcome.status != StepStatus.COMPLETED:
+        leases.store_iterations(attempt, outcome.iterations)  # a completion stores them in its statement
     return finish_step(step=step, attempt=attempt, outcome=outcome, now=now, from_status=StepStatus.IN_PROGRESS,
                        actor={"agent": agent.name}, agent_id=agent.id)
-
-
-def _complete_in_db(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
-                    actor: dict[str, Any], agent_id: UUID | None) -> tuple[WorkflowSnapshot, list[str], str]:
-    """Run the completion statement; return the workflow as left, the keys released, and the workflow
-    status stored in the answer."""
-    usage = outcome.usage
-    data = {"step": step.key, **actor, "attempt": attempt.number, "status": StepStatus.COMPLETED}
-    with connection.cursor() as cursor:
-        cursor.execute(COMPLETE_SQL[from_status], {
-            "now": now, "attempt": attempt.id, "step": step.id, "workflow": step.workflow_id, "key": step.key,
-            "agent": agent_id, "data": json.dumps(data), "result": uuid4(),
-            "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
-            "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "execution_time_s": outcome.execution_time_s, "n_completed": 1,
-        })
-        row = rows.fetch_named(cursor)
-    snapshot = WorkflowSnapshot.from_row(step.workflow_id, row, events=1 + bool(row["n_released"]))
-    attempt.ended_at = now
-    attempt.outcome = AttemptOutcome.COMPLETED
-    step.status = StepStatus.COMPLETED
-    step.final_result = outcome.final_result
-    step.outputs = outcome.outputs
-    step.error = ""
-    step.finished_at = now
-    step.updated_at = now
-    released = list(row["released_keys"])
-    ids = {event["seq"]: event["id"] for event in rows.json_value(row["events"])}
-    events = [Event(id=ids[snapshot.first_seq], workflow_id=step.workflow_id, seq=snapshot.first_seq,
-                    kind="step.completed", step_id=step.id, agent_id=agent_id, data=data, at=now)]
-    if released:
-        events.append(Event(id=ids[snapshot.last_seq], workflow_id=step.workflow_id, seq=snapshot.last_seq,
-                            kind="steps.released", data={"steps": released, "by": step.key}, at=now))
-    for event in events:
-        event._state.adding = False
-        event_published(event)
-    locks = rows.json_value(row["locks"])
-    if locks:
-        file_locks.record_locks_released(
-            [{**lock, "project_id": UUID(lock["project_id"]),
-              "agent_id": UUID(lock["agent_id"]) if lock["agent_id"] else None,
-              "workflow_id": step.workflow_id, "step_id": step.id} for lock in locks],
-            reason=outcome.status)
-    return snapshot, released, row["settled_status"]
 
 
 def finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime, from_status: str,
@@ -466,18 +374,15 @@ def finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime
     step.lease_expires_at = None
     step.lease_attempt = None
     if outcome.status == StepStatus.COMPLETED:
-        snapshot, released, stored_status = _complete_in_db(
-            step=step, attempt=attempt, outcome=outcome, now=now, from_status=from_status, actor=actor,
-            agent_id=agent_id)
-        answer_status, pause_reason = workflow_after(snapshot)
-        response = {"step_id": str(step.id), "status": step.status, "workflow_status": answer_status,
-                    "released": released}
-        if stored_status != answer_status:
-            # `SETTLED_STATUS_SQL` must agree with `workflow_after` (a test pins them together); if it ever
-            # does not, the stored answer follows Python's.
-            logger.error("Stored workflow status %s differs from %s for step %s; correcting the stored answer.",
-                         stored_status, answer_status, step.id)
-            Result.objects.filter(attempt=attempt).update(response=response)
+        completed = _complete(step_id=step.id, from_status=from_status, outcome=outcome, agent_id=agent_id,
+                              actor=actor, now=now, lease_hash=step.lease_token_hash, attempt_id=attempt.id,
+                              locked=True)
+        if completed is None:
+            raise AssertionError(f"step {step.id} changed under its lock")  # the caller checked, under the lock
+        response, workflow_id, settles = completed
+        if settles:
+            workflow_control.workflow_settle(workflow_id=workflow_id)  # in this transaction
+        return response
     else:
         usage = outcome.usage
         moves: dict[str, int] = {from_status: -1}
