@@ -55,6 +55,7 @@ from typing import Any, Callable, TypeVar
 from uuid import UUID
 
 from django.db import OperationalError, connection, transaction
+from psycopg import pq
 
 from coordination import rows
 from coordination.errors import Busy, NotFound
@@ -241,9 +242,21 @@ def run_after_lock(lock_sql: str, lock_params: dict[str, Any], sql: str, params:
     connection.ensure_connection()
     raw = connection.connection
     with connection.cursor() as locked, connection.cursor() as decided:
-        with connection.wrap_database_errors, raw.pipeline(), raw.transaction():
-            locked.execute(lock_sql, lock_params)
-            decided.execute(sql, params)
+        try:
+            # BEGIN and COMMIT are queued with the statements: psycopg's own transaction block would wait for
+            # the statements' results before sending COMMIT, a round trip with the locks held.
+            with connection.wrap_database_errors, raw.pipeline():
+                raw.execute("BEGIN")
+                locked.execute(lock_sql, lock_params)
+                decided.execute(sql, params)
+                raw.execute("COMMIT")
+        except BaseException:
+            if raw.info.transaction_status != pq.TransactionStatus.IDLE:
+                try:
+                    raw.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - the connection is broken: Django replaces it
+                    logger.warning("Could not roll back after a failed statement pair.", exc_info=True)
+            raise
         return rows.fetch_all_named(decided)
 
 

@@ -172,6 +172,31 @@ class OneStatementReportRaceTests:
         assert Event.objects.filter(kind="locks.released", step_id=step_id).count() == 1
 
 
+class RunAfterLockTests:
+    def test_a_failing_statement_rolls_the_pair_back_and_leaves_the_connection_usable(self):
+        from django.db import DataError
+
+        with pytest.raises(DataError):
+            lock_order.run_after_lock("SELECT pg_advisory_xact_lock(%(key)s)", {"key": 4242},
+                                      "SELECT 1 / %(zero)s AS x", {"zero": 0})
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+        taken: list = []
+
+        def try_the_lock() -> None:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_lock(4242)")
+                taken.append(cursor.fetchone()[0])
+                cursor.execute("SELECT pg_advisory_unlock(4242)")
+
+        thread, errors = _in_thread(try_the_lock)
+        thread.join(10)
+        assert not errors and taken == [True]  # the failed pair's lock went with its transaction
+        assert lock_order.run_after_lock("SELECT pg_advisory_xact_lock(%(key)s)", {"key": 4242},
+                                         "SELECT 2 AS x", {}) == [{"x": 2}]
+
+
 class StepLockOrderTests:
     def test_locking_a_step_with_its_dependents_locks_every_one_of_them_at_once(self, developer, step,
                                                                                  workflow_spec):
