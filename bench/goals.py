@@ -221,6 +221,15 @@ def usage_latency(url: str, token: str, requests: int) -> tuple[float, float]:
     return percentile(client_ms, 50), percentile(server_ms, 50)
 
 
+def bare_ceiling(seconds: float) -> float:
+    """Round trips per second of the bare views (bench/bare_urls.py) at 8 clients, on the same server."""
+    import dispatch
+
+    with server(SERVER, bare=True) as (base, _process):
+        dispatch.bare_round_trips(base, 2, 1.0)
+        return dispatch.bare_round_trips(base, 8, seconds)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -255,11 +264,14 @@ def main() -> None:
     waiters = agents("waiter", 32, ["lat"])
     fresh_agent = agents("fresh", 1, ["bench"])[0]
     veteran = agents("veteran", 1, ["history"])[0]
-    dispatch.bare_setup(params, int(3000 * s) + 5000)
+    dispatch.bare_setup(params, 2 * int(3000 * s) + 5000)  # two runs of the ceiling
 
     results: dict = {}
     import locks as lock_bench
 
+    # The bare-view ceiling moves by up to 40% between minutes on this shared machine: it is measured before
+    # AgentManager's figures and after them, and the mean is the reference (both are printed).
+    bare_runs = [bare_ceiling(s)]
     with server(SERVER) as (base, _process):
         cycles(base, singles[:2], 1.0, "bench")  # warm up
         results["pull_report_8"] = cycles(base, singles, s, "bench")
@@ -295,10 +307,10 @@ def main() -> None:
         results["usage_history"] = usage_latency(base, veteran, 300)
         say(f"agents/me p50 (client, server ms): 10 results {results['usage_10']}, "
             f"{args.history:,} results {results['usage_history']}")
-    with server(SERVER, bare=True) as (base, _process):
-        dispatch.bare_round_trips(base, 2, 1.0)
-        results["bare_8"] = dispatch.bare_round_trips(base, 8, s)[0]
-        say(f"bare views x8: {results['bare_8']:.0f}/s")
+    bare_runs.append(bare_ceiling(s))
+    results["bare_8_runs"] = bare_runs
+    results["bare_8"] = sum(bare_runs) / len(bare_runs)
+    say(f"bare views x8: {results['bare_8']:.0f}/s (before {bare_runs[0]:.0f}, after {bare_runs[1]:.0f})")
     try:
         dispatch.procrastinate_setup(url)
         overall, running = dispatch.procrastinate_rate(url, args.jobs, 8)
@@ -313,12 +325,12 @@ def main() -> None:
     one = results["one_workflow_32"]
     u10, uh = results["usage_10"], results["usage_history"]
     goals = [
-        ("pull+report, 8 clients", f"{results['pull_report_8']:.0f}/s", f"bare views {bare:.0f}/s",
+        ("pull+report, 8 clients", f"{results['pull_report_8']:.0f}/s", f"bare views {bare:.0f}/s (mean of {bare_runs[0]:.0f}, {bare_runs[1]:.0f})",
          results["pull_report_8"] / bare, ">= 0.6", results["pull_report_8"] / bare >= 0.6),
         ("batch pull max=8, 8 clients", f"{results['batch_8']:.0f} steps/s",
          f"procrastinate {proc:.0f} jobs/s" if proc else "procrastinate n/a",
          results["batch_8"] / proc if proc else float("nan"), ">= 1.0", bool(proc) and results["batch_8"] >= proc),
-        ("lock acquire+release, 8 clients", f"{results['locks_8']:.0f}/s", f"bare views {bare:.0f}/s",
+        ("lock acquire+release, 8 clients", f"{results['locks_8']:.0f}/s", f"bare views {bare:.0f}/s (mean of {bare_runs[0]:.0f}, {bare_runs[1]:.0f})",
          results["locks_8"] / bare, ">= 0.6", results["locks_8"] / bare >= 0.6),
         ("32 agents on one workflow", f"{one['rate']:.0f}/s, lock waits {one['lock_wait_samples']}/{one['samples']}",
          f"32 workflows {many['rate']:.0f}/s, lock waits {many['lock_wait_samples']}/{many['samples']}",
