@@ -58,20 +58,11 @@ class PullMiss:
     blocked_projects: set[UUID] = field(default_factory=set)
 
 
-# Plain SQL, one round trip on every pull: the capacity check and the claim. It runs after the agent's
-# row is locked, so its snapshot sees every lease the agent was granted before (and the ones granted
-# earlier in this transaction, by a batch). The claim takes the best ready steps with `FOR UPDATE SKIP
-# LOCKED` (concurrent pulls never get the same one, and never wait), as many as asked for and never more
-# than the agent's free capacity (the LIMIT's subquery), and brings what the lease answer needs: the
-# workflow's and project's names and the dependencies' results. One role (the usual pull) reads the
-# ready-queue index in order and stops at the first unlocked rows; several roles merge their queues (a
-# sort of their ready steps). With nothing claimed it still answers one row: the steps held.
-_CLAIM_SQL = f"""
-SELECT held.n AS held, c.*
-FROM (SELECT count(*) AS n FROM coordination_step
-      WHERE lease_agent_id = %(agent)s AND status = 'in_progress') AS held
-LEFT JOIN LATERAL (
-    SELECT {rows.select_list(Step, "s")},
+# The best ready steps of the roles (`role_condition`), best first, claimed with `FOR UPDATE SKIP LOCKED`, with
+# what the lease answer needs: the workflow's and project's names and the dependencies' results. Each claim
+# gives its own `gate` (a condition evaluated once, before the scan) and `limit`.
+_READY_STEPS = """
+    SELECT {select_list},
            w.name AS workflow_name, w.project_id AS project_id, p.name AS project_name,
            (SELECT coalesce(json_agg(json_build_array(d.key, d.final_result, d.outputs) ORDER BY d.key), '[]')
             FROM coordination_stepdependency e JOIN coordination_step d ON d.id = e.depends_on_id
@@ -79,18 +70,41 @@ LEFT JOIN LATERAL (
     FROM coordination_step s
     JOIN coordination_workflow w ON w.id = s.workflow_id
     JOIN coordination_project p ON p.id = w.project_id
-    WHERE held.n < %(capacity)s
-      AND s.status = 'ready' AND {{role_condition}} AND s.role <> 'human' AND s.available_at <= %(now)s
+    WHERE {gate}
+      AND s.status = 'ready' AND {role_condition} AND s.role <> 'human' AND s.available_at <= %(now)s
       AND w.status = 'running'
-      AND NOT (s.id = ANY(%(passed_over)s::uuid[]))
     ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
-    LIMIT (SELECT greatest(least(%(count)s, %(capacity)s - count(*)), 0) FROM coordination_step
-           WHERE lease_agent_id = %(agent)s AND status = 'in_progress')
-    FOR UPDATE OF s SKIP LOCKED
+    LIMIT {limit}
+    FOR UPDATE OF s SKIP LOCKED"""
+
+ROLE_CONDITIONS = {"one": "s.role = %(role)s", "several": "s.role = ANY(%(roles)s::text[])"}
+
+# Plain SQL, the transaction path's claim (`_steps_pull_locked`): the capacity check and the claim. It runs after
+# the agent's row is locked, so its snapshot sees every lease the agent was granted before (and the ones granted
+# earlier in this transaction, by a batch). The claim takes the best ready steps with `FOR UPDATE SKIP LOCKED`
+# (concurrent pulls never get the same one, and never wait), as many as asked for and never more than the
+# agent's free capacity (the LIMIT's subquery). One role (the usual pull) reads the ready-queue index in order
+# and stops at the first unlocked rows; several roles merge their queues (a sort of their ready steps). With
+# nothing claimed it still answers one row: the steps held.
+_CLAIM_SQL = """
+SELECT held.n AS held, c.*
+FROM (SELECT count(*) AS n FROM coordination_step
+      WHERE lease_agent_id = %(agent)s AND status = 'in_progress') AS held
+LEFT JOIN LATERAL ({ready_steps}
 ) AS c ON true
 """
-CLAIM_ONE_ROLE_SQL = _CLAIM_SQL.format(role_condition="s.role = %(role)s")
-CLAIM_ROLES_SQL = _CLAIM_SQL.format(role_condition="s.role = ANY(%(roles)s::text[])")
+
+
+def _claim_sql(roles: str) -> str:
+    return _CLAIM_SQL.format(ready_steps=_READY_STEPS.format(
+        select_list=rows.select_list(Step, "s"), role_condition=ROLE_CONDITIONS[roles],
+        gate="held.n < %(capacity)s AND NOT (s.id = ANY(%(passed_over)s::uuid[]))",
+        limit=("(SELECT greatest(least(%(count)s, %(capacity)s - count(*)), 0) FROM coordination_step "
+               "WHERE lease_agent_id = %(agent)s AND status = 'in_progress')")))
+
+
+CLAIM_ONE_ROLE_SQL = _claim_sql("one")
+CLAIM_ROLES_SQL = _claim_sql("several")
 
 # Plain SQL: a min() over a join, read as one value.
 NEXT_AVAILABLE_SQL = """
@@ -132,7 +146,7 @@ RETURNING id AS event_id, seq, (SELECT started_at FROM step) AS started_at
 #    this statement's snapshot saw: if another pull of the agent committed in between, the steps counted as
 #    held below (read in the snapshot) may miss its leases, so nothing is claimed and the caller pulls again
 #    in a transaction (`_steps_pull_locked`, which locks the agent first and counts after);
-# 2. the claim, as `_CLAIM_SQL` (gated on `fresh`, so it runs after the agent's lock);
+# 2. the claim (`_READY_STEPS`, gated on `fresh`, so it runs after the agent's lock);
 # 3. when no claimed step declares files (their locks need `file_locks`' decisions, made in Python), the
 #    grant of every claimed step, as `GRANT_SQL` does one: attempts (their ids and token hashes made by the
 #    caller, one per position `i` in best-first order), the steps' leases, each workflow's counters and
@@ -154,21 +168,7 @@ WITH snap AS (
 ), claimed AS MATERIALIZED (
     SELECT c.*, row_number() OVER (ORDER BY c.s__workflow_priority DESC, c.s__priority DESC, c.s__available_at,
                                             c.s__id) AS i
-    FROM (
-        SELECT {rows.select_list(Step, "s")},
-               w.name AS workflow_name, w.project_id AS project_id, p.name AS project_name,
-               (SELECT coalesce(json_agg(json_build_array(d.key, d.final_result, d.outputs) ORDER BY d.key), '[]')
-                FROM coordination_stepdependency e JOIN coordination_step d ON d.id = e.depends_on_id
-                WHERE e.step_id = s.id) AS dep_results
-        FROM coordination_step s
-        JOIN coordination_workflow w ON w.id = s.workflow_id
-        JOIN coordination_project p ON p.id = w.project_id
-        WHERE (SELECT fresh FROM agent) AND NOT (SELECT used FROM key_used)
-          AND s.status = 'ready' AND {{role_condition}} AND s.role <> 'human' AND s.available_at <= %(now)s
-          AND w.status = 'running'
-        ORDER BY s.workflow_priority DESC, s.priority DESC, s.available_at ASC
-        LIMIT (SELECT greatest(least(%(count)s, %(capacity)s - held.n), 0) FROM held)
-        FOR UPDATE OF s SKIP LOCKED
+    FROM ({{ready_steps}}
     ) AS c
 ), grants AS MATERIALIZED (
     SELECT c.s__id AS step_id, c.s__workflow_id AS workflow_id, c.s__key AS key, c.i, c.s__attempt + 1 AS number,
@@ -218,8 +218,17 @@ LEFT JOIN leased l ON l.id = c.s__id
 LEFT JOIN events e ON e.step_id = c.s__id
 ORDER BY c.i
 """
-PULL_AT_ONCE_ONE_ROLE_SQL = _PULL_AT_ONCE_SQL.format(role_condition="s.role = %(role)s")
-PULL_AT_ONCE_ROLES_SQL = _PULL_AT_ONCE_SQL.format(role_condition="s.role = ANY(%(roles)s::text[])")
+
+
+def _pull_at_once_sql(roles: str) -> str:
+    return _PULL_AT_ONCE_SQL.format(ready_steps=_READY_STEPS.format(
+        select_list=rows.select_list(Step, "s"), role_condition=ROLE_CONDITIONS[roles],
+        gate="(SELECT fresh FROM agent) AND NOT (SELECT used FROM key_used)",
+        limit="(SELECT greatest(least(%(count)s, %(capacity)s - held.n), 0) FROM held)"))
+
+
+PULL_AT_ONCE_ONE_ROLE_SQL = _pull_at_once_sql("one")
+PULL_AT_ONCE_ROLES_SQL = _pull_at_once_sql("several")
 
 
 def parse_pull_roles(raw: str) -> list[str]:
