@@ -152,7 +152,7 @@ RETURNING id AS event_id, seq, (SELECT started_at FROM step) AS started_at
 #    caller, one per position `i` in best-first order), the steps' leases, each workflow's counters and
 #    event numbers (its rows locked in id order first: lock order rule 6), and the `step.leased` events.
 # With nothing claimed it still answers one row: `fresh` and the steps held.
-_PULL_AT_ONCE_SQL = f"""
+_PULL_AT_ONCE_SQL = """
 WITH snap AS (
     SELECT pull_seq FROM coordination_agent WHERE id = %(agent)s
 ), agent AS (
@@ -168,7 +168,7 @@ WITH snap AS (
 ), claimed AS MATERIALIZED (
     SELECT c.*, row_number() OVER (ORDER BY c.s__workflow_priority DESC, c.s__priority DESC, c.s__available_at,
                                             c.s__id) AS i
-    FROM ({{ready_steps}}
+    FROM ({ready_steps}
     ) AS c
 ), grants AS MATERIALIZED (
     SELECT c.s__id AS step_id, c.s__workflow_id AS workflow_id, c.s__key AS key, c.i, c.s__attempt + 1 AS number,
