@@ -35,6 +35,13 @@ def event_published(event: Event) -> Event:
     return event
 
 
+def inserted_event_published(event: Event) -> Event:
+    """`event_published` for an event a statement of the caller's has inserted (the instance is built from what
+    the statement returned, so Django must not treat it as unsaved)."""
+    event._state.adding = False
+    return event_published(event)
+
+
 def event_payload(event: Event) -> dict[str, Any]:
     return {
         "id": event.id,

@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from coordination import notify, rows
 from coordination.errors import Conflict, Forbidden, InvalidRequest, LockConflict, NotFound, StaleLease
-from coordination.events import event_published
+from coordination.events import inserted_event_published
 from coordination.models import Agent, Event, FileLock, LockMode, LockWaiter, Project, Step
 from coordination.paths import normalise_path, paths_overlap
 from coordination.services import event_log, leases, lock_order
@@ -518,8 +518,7 @@ def _locks_acquire_at_once(*, agent: Agent, project_name: str, paths: list[str],
         locks.append(lock)
     event = Event(id=found[0]["event_id"], kind="locks.granted", agent_id=agent.id,
                   data=rows.json_value(found[0]["event_data"]), at=now)
-    event._state.adding = False
-    event_published(event)
+    inserted_event_published(event)
     return locks
 
 
@@ -547,8 +546,7 @@ def lock_release(*, lock_id: UUID, agent: Agent | None = None, user: AbstractBas
             event = Event(id=row["event_id"], workflow_id=row["event_workflow_id"], seq=row["event_seq"],
                           kind="locks.released", step_id=lock.step_id, agent_id=agent.id,
                           data=rows.json_value(row["event_data"]), at=now)
-            event._state.adding = False
-            event_published(event)
+            inserted_event_published(event)
             return lock
     return _lock_release(lock_id=lock_id, agent=agent, user=user, reason=reason)
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from coordination import notify, rows
 from coordination.errors import AtCapacity, Conflict, InvalidRequest
-from coordination.events import event_published
+from coordination.events import inserted_event_published
 from coordination.models import Agent, Attempt, Event, FileLock, Project, Step, StepStatus, Workflow
 from coordination.services import agent_registry, file_locks, lock_order, tokens
 
@@ -525,8 +525,7 @@ def _leased(*, step: Step, attempt: Attempt, agent: Agent, token: str, now: date
     step.lease_attempt = attempt
     step.started_at = started_at
     step.updated_at = now
-    event._state.adding = False
-    event_published(event)
+    inserted_event_published(event)
     inputs = {key: {"final_result": final_result, "outputs": outputs} for key, final_result, outputs in dep_results}
     inputs.update(step.extra_inputs or {})
     return Lease(step=step, attempt=attempt, token=token, inputs=inputs, locks=sorted(locks, key=lambda l: l.path))

@@ -23,7 +23,7 @@ from django.utils import timezone
 from agents.llm.base import Usage  # one definition for workers and server
 from coordination import notify, rows, tracing
 from coordination.errors import InvalidState, ServiceError, StaleLease
-from coordination.events import event_published
+from coordination.events import inserted_event_published
 from coordination.models import STEP_COUNTER_FIELDS, Agent, Attempt, AttemptOutcome, Event, Result, Step, StepStatus, WorkflowStatus
 from coordination.services import event_log, file_locks, leases, lock_order, tokens, workflow_control
 from coordination.services.agent_registry import HUMAN_ROLE
@@ -319,8 +319,7 @@ def _complete(*, step_id: UUID, from_status: str, outcome: Outcome, agent_id: UU
     for item in rows.json_value(row["events"]):
         event = Event(id=item["id"], workflow_id=workflow_id, seq=item["seq"], kind=item["kind"],
                       step_id=item["step_id"], agent_id=item["agent_id"], data=item["data"], at=now)
-        event._state.adding = False
-        event_published(event)
+        inserted_event_published(event)
     snapshot = WorkflowSnapshot.from_row(workflow_id, row, events=row["event_seq"] - row["first_seq"] + 1)
     answer_status, _ = workflow_after(snapshot)
     response = {"step_id": str(step_id), "status": StepStatus.COMPLETED, "workflow_status": answer_status,
@@ -439,8 +438,7 @@ def _insert_events_and_result(events: list[Event], *, step: Step, attempt: Attem
     for event in events:
         event.id = ids[event.seq]
         event.at = now
-        event._state.adding = False
-        event_published(event)
+        inserted_event_published(event)
 
 
 @lock_order.retrying
