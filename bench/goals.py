@@ -168,6 +168,7 @@ def seed_history(agent_name: str, results: int) -> None:
     from django.db import connection
 
     from coordination.models import Agent, Workflow
+    from coordination.tests.history import write_finished_steps
 
     agent = Agent.objects.get(name=agent_name)
     workflow = Workflow.objects.order_by("created_at").first()
@@ -175,27 +176,8 @@ def seed_history(agent_name: str, results: int) -> None:
     for offset in range(0, results, chunk):
         n = min(chunk, results - offset)
         with connection.cursor() as cursor:
-            cursor.execute("""
-                WITH s AS (
-                    INSERT INTO coordination_step (id, workflow_id, key, name, description, role, status, priority,
-                        workflow_priority, attempt, max_attempts, lease_ttl_s, remaining_deps, files, extra_inputs,
-                        final_result, outputs, error, available_at, lease_token_hash, attempts_released,
-                        created_at, updated_at, finished_at)
-                    SELECT gen_random_uuid(), %(workflow)s, 'h' || (g + %(offset)s), 'x', '', 'history', 'completed',
-                           0, 0, 1, 3, 120, 0, '[]', '{}', 'ok', '{}', '', now(), '', 0, now(), now(), now()
-                    FROM generate_series(1, %(n)s) g
-                    RETURNING id
-                ), a AS (
-                    INSERT INTO coordination_attempt (id, step_id, agent_id, number, lease_token_hash,
-                                                      idempotency_key, started_at, expires_at, ended_at, outcome)
-                    SELECT gen_random_uuid(), s.id, %(agent)s, 1, '', '', now(), now(), now(), 'completed' FROM s
-                    RETURNING id, step_id
-                )
-                INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error,
-                    retryable, model, prompt_tokens, completion_tokens, cost_usd, response, created_at)
-                SELECT gen_random_uuid(), a.id, a.step_id, 'completed', 'ok', '{}', '', false, 'm', 100, 20, 0.001,
-                       '{}', now() FROM a
-            """, {"workflow": workflow.id, "agent": agent.id, "n": n, "offset": offset})
+            write_finished_steps(cursor, workflow_id=workflow.id, agent_id=agent.id, n=n, role="history",
+                                 offset=offset)
         say(f"history: {offset + n:,} of {results:,} results")
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE coordination_result")

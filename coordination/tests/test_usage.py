@@ -3,7 +3,9 @@
 import pytest
 
 from coordination.services import workflow_creation
+from coordination.models import Workflow
 from coordination.tests.agent_calls import pull, report
+from coordination.tests.history import write_finished_steps
 
 pytestmark = pytest.mark.django_db
 
@@ -76,27 +78,8 @@ class KeptAgentUsageTests:
             small = read_me()
         # 20,000 more results of this agent, written straight to the tables (as years of history would be).
         with connection.cursor() as cursor:
-            cursor.execute("""
-                WITH s AS (
-                    INSERT INTO coordination_step (id, workflow_id, key, name, description, role, status, priority,
-                        workflow_priority, attempt, max_attempts, lease_ttl_s, remaining_deps, files, extra_inputs,
-                        final_result, outputs, error, available_at, lease_token_hash, attempts_released,
-                        created_at, updated_at)
-                    SELECT gen_random_uuid(), w.id, 'h' || g, 'x', '', 'developer', 'completed', 0, 0, 1, 3, 120, 0,
-                           '[]', '{}', 'ok', '{}', '', now(), '', 0, now(), now()
-                    FROM generate_series(1, 20000) g, (SELECT id FROM coordination_workflow LIMIT 1) w
-                    RETURNING id
-                ), a AS (
-                    INSERT INTO coordination_attempt (id, step_id, agent_id, number, lease_token_hash,
-                                                      idempotency_key, started_at, expires_at, ended_at, outcome)
-                    SELECT gen_random_uuid(), s.id, %s, 1, '', '', now(), now(), now(), 'completed' FROM s
-                    RETURNING id, step_id
-                )
-                INSERT INTO coordination_result (id, attempt_id, step_id, status, final_result, outputs, error,
-                    retryable, model, prompt_tokens, completion_tokens, cost_usd, response, created_at)
-                SELECT gen_random_uuid(), a.id, a.step_id, 'completed', 'ok', '{}', '', false, 'm', 1, 1, 0, '{}',
-                       now() FROM a
-            """, [agent.agent.id])
+            workflow_id = Workflow.objects.values_list("id", flat=True).first()
+            write_finished_steps(cursor, workflow_id=workflow_id, agent_id=agent.agent.id, n=20000, role="developer")
             # ... and 20,000 locks it took and released.
             cursor.execute("""
                 INSERT INTO coordination_filelock (id, project_id, agent_id, path, mode, fencing, acquired_at,
