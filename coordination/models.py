@@ -528,6 +528,10 @@ class FileLock(models.Model):
         return f"{self.mode} {self.path}"
 
 
+# The events that record a workflow settling (finished, failed or cancelled).
+SETTLED_EVENT_KINDS = ("workflow.completed", "workflow.failed", "workflow.cancelled")
+
+
 class Event(models.Model):
     """Append-only log of every state change, numbered per workflow (`seq`)."""
 
@@ -551,7 +555,13 @@ class Event(models.Model):
                 name="event_seq_iff_workflow",
             ),
         ]
-        indexes = [models.Index(fields=["-at"], name="event_recent")]
+        indexes = [
+            models.Index(fields=["-at"], name="event_recent"),
+            # A workflow's settling events (`coordination.tracing` sends a workflow's root span the first time
+            # it settles): partial, so no other event writes to it and its size follows the settles.
+            models.Index(fields=["workflow"], name="event_workflow_settled",
+                         condition=Q(kind__in=SETTLED_EVENT_KINDS)),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} #{self.seq}"

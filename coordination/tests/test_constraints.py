@@ -75,7 +75,8 @@ class HotTableIndexTests:
             ("attempt", "attempt_one_open"), ("attempt", "attempt_idempotency"),
             ("attempt", "coordination_attempt_agent_id_11cabf07"),
             ("event", "coordination_event_pkey"), ("event", "event_seq_unique_per_workflow"),
-            ("event", "event_recent"), ("event", "coordination_event_step_id_d82d0d60"),
+            ("event", "event_recent"), ("event", "event_workflow_settled"),
+            ("event", "coordination_event_step_id_d82d0d60"),
             ("event", "coordination_event_agent_id_2548c260"),
             ("iteration", "coordination_iteration_pkey"), ("iteration", "iteration_unique"),
         }

@@ -82,3 +82,23 @@ class AttemptSpanTests:
         for span in cancelled:
             assert span.end_time == int(ended[UUID(span.attributes["am.attempt.id"])].timestamp() * 1e6) * 1000
         assert len([s for s in spans.get_finished_spans() if s.name == "workflow"]) == 1
+
+
+class SettleCountPlanTests:
+    def test_the_first_settle_check_reads_the_settles_of_the_workflow_not_its_events(self, step, workflow_spec):
+        """With tracing on, every settle asks whether it is the workflow's first: the answer must cost the same
+        whatever the length of the workflow's event log (the partial index `event_workflow_settled`)."""
+        from django.db import connection
+
+        from coordination import tracing
+        from coordination.models import Event
+
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        Event.objects.bulk_create([Event(workflow=workflow, seq=1000 + i, kind="step.progress") for i in range(5000)])
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE coordination_event")
+            cursor.execute("EXPLAIN " + tracing.SETTLES_SQL, {"workflow": workflow.id})
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            cursor.execute(tracing.SETTLES_SQL, {"workflow": workflow.id})
+            assert cursor.fetchone()[0] == 0
+        assert "event_workflow_settled" in plan and "Seq Scan" not in plan, plan
