@@ -22,10 +22,9 @@ from coordination.models import Attempt, AttemptOutcome, Step, Workflow, Workflo
 logger = logging.getLogger(__name__)
 
 FAILED_OUTCOMES = frozenset({AttemptOutcome.FAILED, AttemptOutcome.RETRY, AttemptOutcome.EXPIRED})
-# Plain SQL: the kinds written into the text, as in the partial index `event_workflow_settled`, so the planner
-# reads that index whatever the plan (a bound parameter could not prove the index's condition): the cost
-# follows the workflow's settles, not its events.
-# `SETTLED_EVENT_KINDS`; a test checks the plan reads that index.
+# Plain SQL: the kinds (`models.SETTLED_EVENT_KINDS`) written into the text, as in the partial index
+# `event_workflow_settled`, so the planner reads that index whatever the plan (a bound parameter could not prove
+# the index's condition): the cost follows the workflow's settles, not its events. A test checks the plan.
 SETTLES_SQL = """
 SELECT count(*) AS n FROM coordination_event
 WHERE workflow_id = %(workflow)s AND kind IN ('workflow.completed', 'workflow.failed', 'workflow.cancelled')
