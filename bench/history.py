@@ -45,9 +45,9 @@ def add_history(params: dict, rows: int) -> float:
             """INSERT INTO coordination_workflow (id, project_id, name, goal, status, paused_reason, failure_reason,
                    priority, max_attempts, max_rework_rounds, rework_round, spent_usd, spent_tokens, metadata, synthesis,
                    total_steps, n_pending, n_ready, n_in_progress, n_completed, n_failed, n_cancelled, n_skipped,
-                   event_seq, created_at, updated_at, finished_at)
+                   created_at, updated_at, finished_at)
                VALUES (gen_random_uuid(), %s, 'history', '', 'completed', '', '', 0, 3, 1, 0, 0, 0, '{}', '',
-                       %s, 0, 0, 0, %s, 0, 0, 0, 0, now(), now(), now())
+                       %s, 0, 0, 0, %s, 0, 0, 0, now(), now(), now())
                RETURNING id""",
             [project_id, rows, rows],
         ).fetchone()[0]

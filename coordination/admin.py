@@ -264,7 +264,7 @@ class WorkflowAdmin(ServiceAdmin):
     readonly_fields = [
         "project", "goal", "status", "audit_status", "paused_reason", "failure_reason", "max_attempts",
         "total_steps", "n_pending", "n_ready", "n_in_progress", "n_completed", "n_failed", "n_cancelled",
-        "n_skipped", "event_seq", "spent_usd", "spent_tokens", "rework_round", "synthesis", "metadata",
+        "n_skipped", "spent_usd", "spent_tokens", "rework_round", "synthesis", "metadata",
         "created_by_user", "created_by_agent", "created_at", "updated_at", "finished_at",
     ]
     fields = WORKFLOW_EDITABLE_FIELDS + readonly_fields

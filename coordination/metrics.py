@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from coordination.models import STEP_COUNTER_FIELDS, Agent, Event, FileLock, Workflow, WorkflowStatus
+from coordination.models import STEP_COUNTER_FIELDS, Agent, Event, FileLock, Workflow, WorkflowDelta, WorkflowStatus
 
 
 class CoordinationCollector:
@@ -24,9 +24,11 @@ class CoordinationCollector:
         yield workflows
 
         steps = GaugeMetricFamily("am_steps", "Steps by status, over all workflows.", labels=["status"])
-        sums = Workflow.objects.aggregate(**{status: Sum(field) for status, field in STEP_COUNTER_FIELDS.items()})
+        aggregates = {status: Sum(field) for status, field in STEP_COUNTER_FIELDS.items()}
+        sums = Workflow.objects.aggregate(**aggregates)
+        deltas = WorkflowDelta.objects.aggregate(**aggregates)  # not folded in yet
         for status in STEP_COUNTER_FIELDS:
-            steps.add_metric([status], sums[status] or 0)
+            steps.add_metric([status], (sums[status] or 0) + (deltas[status] or 0))
         yield steps
 
         cutoff = now - timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S)

@@ -12,8 +12,9 @@ import uuid
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.validators import MinValueValidator, RegexValidator
-from django.db import models
-from django.db.models import F, Q
+from django.db import connections, models
+from django.db.models import F, Func, Q
+from django.db.models.query import ModelIterable
 
 ROLE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
@@ -123,6 +124,50 @@ TERMINAL_STEP_STATUSES = frozenset(
 TERMINAL_WORKFLOW_STATUSES = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
 
 
+# The counters and spend the hot paths move without touching the workflow row: each change of theirs inserts a
+# `WorkflowDelta`, and a workflow's live figures are its row plus its deltas (`workflow_counters` folds them in).
+LIVE_FIELDS = (*STEP_COUNTER_FIELDS.values(), "spent_usd", "spent_tokens")
+
+# A plain constant (`test_write_guard` reads it): the sums in `LIVE_FIELDS` order (`test_workflow_deltas` pins it).
+_DELTA_SUMS_SQL = """
+SELECT workflow_id, sum(n_pending), sum(n_ready), sum(n_in_progress), sum(n_completed), sum(n_failed),
+       sum(n_cancelled), sum(n_skipped), sum(spent_usd), sum(spent_tokens)
+FROM coordination_workflowdelta WHERE workflow_id = ANY(%s) GROUP BY workflow_id
+"""
+
+
+class _LiveWorkflowIterable(ModelIterable):
+    """Workflow instances with their deltas added (one more query per 500 rows), so that whatever reads a
+    workflow through the ORM (API, dashboard, admin, services) sees its live counters and spend."""
+
+    def __iter__(self):
+        batch: list = []
+        for workflow in super().__iter__():
+            batch.append(workflow)
+            if len(batch) == 500:
+                yield from self._with_deltas(batch)
+                batch = []
+        yield from self._with_deltas(batch)
+
+    def _with_deltas(self, batch: list) -> list:
+        if batch:
+            with connections[self.queryset.db].cursor() as cursor:
+                cursor.execute(_DELTA_SUMS_SQL, [[workflow.id for workflow in batch]])
+                sums = {row[0]: row[1:] for row in cursor.fetchall()}
+            for workflow in batch:
+                deferred = workflow.get_deferred_fields()  # `only()`: nothing to add to what was not read
+                for field, delta in zip(LIVE_FIELDS, sums.get(workflow.id, ())):
+                    if field not in deferred:
+                        setattr(workflow, field, getattr(workflow, field) + delta)
+        return batch
+
+
+class WorkflowQuerySet(models.QuerySet):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._iterable_class = _LiveWorkflowIterable
+
+
 class Workflow(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="workflows")
@@ -148,8 +193,8 @@ class Workflow(models.Model):
     created_by_agent = models.ForeignKey(
         Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="submitted_workflows"
     )
-    # Step counters by status, kept in the same transaction as every step change,
-    # so that the status endpoint costs the same for 10 steps or 10,000.
+    # Step counters by status, moved in the same transaction as every step change (on this row, or by a
+    # `WorkflowDelta` that is folded in later), so that the status endpoint costs the same for 10 steps or 10,000.
     total_steps = models.PositiveIntegerField(default=0)
     n_pending = models.IntegerField(default=0)
     n_ready = models.IntegerField(default=0)
@@ -158,14 +203,16 @@ class Workflow(models.Model):
     n_failed = models.IntegerField(default=0)
     n_cancelled = models.IntegerField(default=0)
     n_skipped = models.IntegerField(default=0)
-    # The last event sequence number handed out for this workflow.
-    event_seq = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    objects = WorkflowQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
+        # Also for related access (`step.workflow`) and `refresh_from_db`: live counters everywhere.
+        base_manager_name = "objects"
         indexes = [
             models.Index(fields=["project", "status", "-created_at"], name="workflow_project_status"),
             models.Index(fields=["status", "-created_at"], name="workflow_status_created"),
@@ -211,6 +258,18 @@ class Workflow(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def save(self, *args, update_fields=None, **kwargs):
+        """Counters and spend are never written from an instance (it holds them live, deltas added): they move
+        only by the services' SQL. Saving a stored workflow writes its other fields."""
+        if not self._state.adding:
+            if update_fields is None:
+                update_fields = [field.name for field in self._meta.concrete_fields
+                                 if not field.primary_key and field.name not in LIVE_FIELDS]
+            elif set(update_fields) & set(LIVE_FIELDS):
+                raise ValueError(f"{sorted(set(update_fields) & set(LIVE_FIELDS))} move only through "
+                                 "coordination.services.workflow_counters.")
+        super().save(*args, update_fields=update_fields, **kwargs)
+
     @property
     def counts(self) -> dict[str, int]:
         return {status: getattr(self, field) for status, field in STEP_COUNTER_FIELDS.items()}
@@ -225,6 +284,27 @@ class Workflow(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_WORKFLOW_STATUSES
+
+
+class WorkflowDelta(models.Model):
+    """One change's moves of a workflow's counters and spend, made by the hot paths (a pull, a report) without
+    locking the workflow row; `workflow_counters` folds them into the row under its lock."""
+
+    id = models.BigAutoField(primary_key=True)
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="+")
+    n_pending = models.IntegerField(db_default=0)
+    n_ready = models.IntegerField(db_default=0)
+    n_in_progress = models.IntegerField(db_default=0)
+    n_completed = models.IntegerField(db_default=0)
+    n_failed = models.IntegerField(db_default=0)
+    n_cancelled = models.IntegerField(db_default=0)
+    n_skipped = models.IntegerField(db_default=0)
+    spent_usd = models.DecimalField(max_digits=14, decimal_places=6, db_default=0)
+    spent_tokens = models.BigIntegerField(db_default=0)
+    at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"delta of {self.workflow_id} at {self.at}"
 
 
 class Step(models.Model):
@@ -532,14 +612,28 @@ class FileLock(models.Model):
 SETTLED_EVENT_KINDS = ("workflow.completed", "workflow.failed", "workflow.cancelled")
 
 
+class NextEventSeq(Func):
+    """An event's `seq` (its column's default): its transaction's id times 2**20, plus its rank in that
+    transaction; events are read below the oldest transaction still running (`EVENT_SEQ_BOUND_SQL`), so the
+    log reads in commit order without a counter that every change must lock (migration 0010)."""
+
+    function = "coordination_event_seq"
+    template = "%(function)s()"
+    output_field = models.BigIntegerField()
+
+
+# Events with a smaller `seq` are final: no transaction still running can add one below it.
+EVENT_SEQ_BOUND_SQL = "coordination_event_seq_bound()"
+
+
 class Event(models.Model):
-    """Append-only log of every state change, numbered per workflow (`seq`)."""
+    """Append-only log of every state change, ordered by `seq` (see `NextEventSeq`)."""
 
     id = models.BigAutoField(primary_key=True)
     # No index of its own: `event_seq_unique_per_workflow` starts with it.
     workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.CASCADE, related_name="events",
                                  db_index=False)
-    seq = models.BigIntegerField(null=True, blank=True)
+    seq = models.BigIntegerField(db_default=NextEventSeq(), editable=False)
     kind = models.CharField(max_length=64)
     step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     agent = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
@@ -550,10 +644,6 @@ class Event(models.Model):
         ordering = ["id"]
         constraints = [
             models.UniqueConstraint(fields=["workflow", "seq"], name="event_seq_unique_per_workflow"),
-            models.CheckConstraint(
-                condition=Q(workflow__isnull=True, seq__isnull=True) | Q(workflow__isnull=False, seq__gte=1),
-                name="event_seq_iff_workflow",
-            ),
         ]
         indexes = [
             models.Index(fields=["-at"], name="event_recent"),

@@ -6,10 +6,12 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db.models import Count, F, Q, QuerySet
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from coordination.errors import NotFound
 from coordination.models import (
+    EVENT_SEQ_BOUND_SQL,
     Agent,
     AuditReport,
     Event,
@@ -60,9 +62,22 @@ def step_get(*, step_id: UUID) -> Step:
     return step
 
 
+def visible_events(events: QuerySet[Event]) -> QuerySet[Event]:
+    """Only the final part of the log: events below the oldest transaction still running, which no transaction
+    can add to any more (`models.NextEventSeq`). Read in `seq` order, a reader that goes on from the last `seq`
+    it saw misses nothing; an event committed by a long transaction shows once that transaction has ended."""
+    return events.filter(seq__lt=RawSQL(EVENT_SEQ_BOUND_SQL, []))
+
+
 def workflow_events(*, workflow: Workflow, after: int = 0, limit: int = 500) -> tuple[list[Event], bool]:
-    events = list(Event.objects.filter(workflow=workflow, seq__gt=after).order_by("seq")[: limit + 1])
+    events = list(visible_events(Event.objects.filter(workflow=workflow, seq__gt=after)).order_by("seq")[: limit + 1])
     return events[:limit], len(events) > limit
+
+
+def workflow_last_seq(workflow_id) -> int:
+    """The `seq` of the workflow's last visible event (0 with none): where a page's catch-up goes on from."""
+    last = visible_events(Event.objects.filter(workflow_id=workflow_id)).order_by("-seq").values_list("seq").first()
+    return last[0] if last else 0
 
 
 def workflow_audits(*, workflow: Workflow) -> QuerySet[AuditReport]:

@@ -13,6 +13,7 @@ from coordination.services import (
     file_locks,
     leases,
     workflow_control,
+    workflow_counters,
     workflow_creation,
     workflow_specs,
     workspace,
@@ -26,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="coordination.tasks.sweep_expired", ignore_result=True)
 def sweep_expired() -> dict[str, int]:
-    """Expire leases and file locks past their end, and settle workflows left unsettled (Celery beat, every
-    AM_SWEEP_INTERVAL_S)."""
+    """Expire leases and file locks past their end, fold workflows' counter deltas into their rows, and settle
+    workflows left unsettled (Celery beat, every AM_SWEEP_INTERVAL_S)."""
     return {"leases": leases.leases_sweep(), "locks": file_locks.locks_sweep(),
+            "folded": workflow_counters.workflows_fold_sweep(),
             "workflows": workflow_control.workflows_settle_sweep()}
 
 

@@ -116,7 +116,7 @@ def workflow(workflow: Workflow) -> dict:
     steps, depends_on = selectors.workflow_steps(workflow=workflow)
     for step in steps:
         step.deps = depends_on.get(step.id, [])
-    events = list(Event.objects.filter(workflow=workflow).order_by("-seq")[:200])
+    events = list(selectors.visible_events(Event.objects.filter(workflow=workflow)).order_by("-seq")[:200])
     events.reverse()
     return {
         "workflow": workflow,
@@ -124,7 +124,7 @@ def workflow(workflow: Workflow) -> dict:
         "dag": dag(steps, depends_on),
         "locks": locks(workflow=workflow),
         "events": events,
-        "last_seq": workflow.event_seq,
+        "last_seq": events[-1].seq if events else 0,
         "audits": list(selectors.workflow_audits(workflow=workflow)),
         "files": workflow_files(workflow),
     }
@@ -163,7 +163,7 @@ def step(step: Step) -> dict:
         "totals": totals,
         "locks": list(FileLock.objects.filter(step=step).select_related("agent").order_by("-acquired_at")[:50]),
         "changes": step_changes(step),
-        "last_seq": step.workflow.event_seq,
+        "last_seq": selectors.workflow_last_seq(step.workflow_id),
         "online_window": timedelta(seconds=settings.AM_AGENT_ONLINE_WINDOW_S),
     }
 

@@ -88,13 +88,13 @@ def workflow_refresh(workflow_id: UUID, after: int, viewer: dict) -> str:
     if wf is None:
         return ""
     ctx = context.workflow(wf)
-    missed = Event.objects.filter(workflow=wf, seq__gt=after).order_by("seq")[:500]
+    missed = list(selectors.visible_events(Event.objects.filter(workflow=wf, seq__gt=after)).order_by("seq")[:500])
     timeline = "".join(_render("_event.html", {"event": e}, viewer) for e in missed)
     return (_render("_workflow_header.html", ctx, viewer) + _render("_dag.html", ctx, viewer) + _render("_steps.html", ctx, viewer)
             + _render("_locks.html", ctx, viewer) + _render("_audits.html", ctx, viewer)
             + _render("_workflow_files.html", {**ctx, "oob": True}, viewer)
             + (f'<ol hx-swap-oob="beforeend:#timeline">{timeline}</ol>' if timeline else "")
-            + _seq_marker(wf.event_seq))
+            + _seq_marker(missed[-1].seq if missed else after))
 
 
 def step(step_id: UUID, event_id: int, viewer: dict) -> str:

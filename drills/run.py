@@ -63,7 +63,7 @@ def _status(workflow_id) -> str:
 def _completed(workflow_id) -> int:
     from coordination.models import Workflow
 
-    return Workflow.objects.values_list("n_completed", flat=True).get(id=workflow_id)
+    return Workflow.objects.get(id=workflow_id).n_completed  # an instance: its counters are live
 
 
 def _wait_finished(workflow_id, timeout: float, progress_every: float = 15.0) -> str:
@@ -171,7 +171,7 @@ def postgres_stopped(cluster: Cluster, steps: int = 8, outage_s: float = 12.0) -
     def in_progress():
         from coordination.models import Workflow
 
-        return Workflow.objects.values_list("n_in_progress", flat=True).get(id=workflow.id) >= 2
+        return Workflow.objects.get(id=workflow.id).n_in_progress >= 2
 
     wait_until(in_progress, 60, "two steps in progress")
     from coordination.models import Attempt

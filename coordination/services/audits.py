@@ -111,11 +111,11 @@ def _workflow_rework(*, workflow: Workflow, steps: list[Step], keys: list[str], 
             ready_roles.append(step.role)
     Step.objects.bulk_update(steps, ["remaining_deps", "status", "available_at", "attempts_released",
                                      "finished_at", "extra_inputs", "updated_at"])
-    snapshot = workflow_move(workflow.id, moves)
+    workflow_move(workflow.id, moves)
     Workflow.objects.filter(id=workflow.id).update(status=WorkflowStatus.RUNNING, finished_at=None,
                                                    rework_round=round_number)
     notify.notify_ready(ready_roles)
-    event_log.event_record_many([new_event(snapshot.seqs(), "workflow.rework", workflow_id=workflow.id,
+    event_log.event_record_many([new_event("workflow.rework", workflow_id=workflow.id,
                                            data={"round": round_number, "steps": keys, "rerun": len(steps),
                                                  "audit_id": str(report.id)})])
 

@@ -124,24 +124,24 @@ WITH project AS MATERIALIZED (
     FROM ok, unnest(%(ids)s::uuid[], %(paths)s::text[]) AS g(id, path) JOIN fence ON fence.path = g.path
     RETURNING {rows.select_list(FileLock, "coordination_filelock", "l")}
 ), event AS (
-    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
-    SELECT NULL, NULL, 'locks.granted', NULL, %(agent)s,
+    INSERT INTO coordination_event (workflow_id, kind, step_id, agent_id, data, at)
+    SELECT NULL, 'locks.granted', NULL, %(agent)s,
            jsonb_build_object('project', ok.name, 'agent', %(agent_name)s::text,
                               'locks', (SELECT jsonb_agg(jsonb_build_object('path', l__path, 'mode', l__mode,
                                                                             'fencing', l__fencing) ORDER BY l__path)
                                         FROM granted)),
            %(now)s
     FROM ok
-    RETURNING id AS event_id, data AS event_data
+    RETURNING id AS event_id, seq AS event_seq, data AS event_data
 )
 SELECT project.id AS project_id, ok.id IS NOT NULL AS granted, event.*, granted.*
 FROM project LEFT JOIN ok ON true LEFT JOIN event ON true LEFT JOIN granted ON true
 ORDER BY granted.l__path
 """
 
-# Plain SQL, a holder's release of a live lock in one statement run on its own: the release, its workflow's
-# event number (a lock under a step; the file lock row before the workflow row, as the lock order says), the
-# `locks.released` event, and the NOTIFY that wakes the project's lock waiters. No row when the lock is not
+# Plain SQL, a holder's release of a live lock in one statement run on its own: the release, the
+# `locks.released` event (in its step's workflow's log, for a lock under a step), and the NOTIFY that wakes the
+# project's lock waiters. No row when the lock is not
 # the caller's live lock: nothing was written, and `lock_release` answers in a transaction (404, 403, or
 # "released already").
 RELEASE_BY_HOLDER_SQL = f"""
@@ -150,19 +150,15 @@ WITH released AS (
     SET released_at = LEAST(clock_timestamp(), l.expires_at), release_reason = %(reason)s
     WHERE l.id = %(lock)s AND l.agent_id = %(agent)s AND l.released_at IS NULL
     RETURNING {rows.select_list(FileLock, "l")}
-), workflow AS (
-    UPDATE coordination_workflow w SET event_seq = w.event_seq + 1
-    FROM released r JOIN coordination_step s ON s.id = r.l__step_id
-    WHERE w.id = s.workflow_id
-    RETURNING w.id, w.event_seq
 ), event AS (
-    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
-    SELECT workflow.id, workflow.event_seq, 'locks.released', r.l__step_id, %(agent)s,
+    INSERT INTO coordination_event (workflow_id, kind, step_id, agent_id, data, at)
+    SELECT s.workflow_id, 'locks.released', r.l__step_id, %(agent)s,
            jsonb_build_object('project', p.name, 'reason', %(reason)s::text, 'by_agent', %(agent_name)s::text,
                               'locks', jsonb_build_array(jsonb_build_object('path', r.l__path, 'mode', r.l__mode,
                                                                             'fencing', r.l__fencing))),
            %(now)s
-    FROM released r JOIN coordination_project p ON p.id = r.l__project_id LEFT JOIN workflow ON true
+    FROM released r JOIN coordination_project p ON p.id = r.l__project_id
+    LEFT JOIN coordination_step s ON s.id = r.l__step_id
     RETURNING id AS event_id, workflow_id AS event_workflow_id, seq AS event_seq, data AS event_data
 )
 SELECT released.*, event.*, pg_notify('{{channel}}', released.l__project_id::text) AS notified
@@ -516,7 +512,7 @@ def _locks_acquire_at_once(*, agent: Agent, project_name: str, paths: list[str],
         lock.project = project
         lock.agent = agent
         locks.append(lock)
-    event = Event(id=found[0]["event_id"], kind="locks.granted", agent_id=agent.id,
+    event = Event(id=found[0]["event_id"], seq=found[0]["event_seq"], kind="locks.granted", agent_id=agent.id,
                   data=rows.json_value(found[0]["event_data"]), at=now)
     inserted_event_published(event)
     return locks

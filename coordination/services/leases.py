@@ -161,9 +161,8 @@ def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
     file_locks.lock_renew_for_step(step=step, expires_at=step.lease_expires_at)
     added = store_iterations(attempt, iterations or [])
     if added:
-        snapshot = workflow_move(step.workflow_id, {})
         event_log.event_record_many([
-            new_event(snapshot.seqs(), "step.progress", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
+            new_event("step.progress", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
                       data={"attempt": attempt.number, "iterations": added})
         ])
     return {"expires_at": step.lease_expires_at, "cancel": workflow.status == WorkflowStatus.PAUSED}
@@ -181,8 +180,8 @@ def step_release(*, step_id: UUID, agent: Agent, lease_token: str) -> dict[str, 
     tracing.attempt_ended(step=step, attempt=attempt, agent_name=agent.name)
     new_status, _, _ = requeue_or_fail(step=step, now=now, charge=False, error="")
     file_locks.lock_release_for_step(step=step, reason="released")
-    snapshot = workflow_move(step.workflow_id, {StepStatus.IN_PROGRESS: -1, new_status: +1})
-    event_log.event_record_many([new_event(snapshot.seqs(), "step.handed_back", workflow_id=step.workflow_id,
+    workflow_move(step.workflow_id, {StepStatus.IN_PROGRESS: -1, new_status: +1})
+    event_log.event_record_many([new_event("step.handed_back", workflow_id=step.workflow_id,
                                            step=step, agent_id=agent.id,
                                            data={"agent": agent.name, "attempt": attempt.number})])
     return {"step_id": str(step.id), "status": step.status}
@@ -215,14 +214,13 @@ def lease_expire(*, step_id: UUID) -> str | None:
     add(moves, new_status, 1)
     add(moves, StepStatus.PENDING, -len(skipped))
     add(moves, StepStatus.SKIPPED, len(skipped))
-    snapshot = workflow_move(step.workflow_id, moves, events=1 + bool(skipped))
-    seqs = snapshot.seqs()
-    events = [new_event(seqs, "step.lease_expired", workflow_id=step.workflow_id, step=step,
+    snapshot = workflow_move(step.workflow_id, moves)
+    events = [new_event("step.lease_expired", workflow_id=step.workflow_id, step=step,
                         agent_id=agent.id if agent else None,
                         data={"agent": agent.name if agent else None, "attempt": step.attempt, "status": new_status,
                               "backoff_s": delay.total_seconds()})]
     if skipped:
-        events.append(new_event(seqs, "steps.skipped", workflow_id=step.workflow_id,
+        events.append(new_event("steps.skipped", workflow_id=step.workflow_id,
                                 data={"steps": skipped, "after": step.key}))
     event_log.event_record_many(events)
     settle_workflow(snapshot)

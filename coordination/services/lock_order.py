@@ -15,9 +15,19 @@ Every transaction that waits for more than one lock takes them in this order:
    holder and staff release single rows, a report releases its step's; the
    sweep takes expired ones by id, skipping those in use);
 5. the project row (its workspace version);
-6. workflow rows, by ascending id (the counters, the event sequence, the status);
+6. workflow rows, by ascending id, `FOR NO KEY UPDATE` (the status, and the
+   counters when a change moves them on the row), then their `WorkflowDelta` rows,
+   which only the statement that folds them into their workflow row locks (to
+   delete them);
 7. the reporting agent's usage row (`AgentUsage`: its kept totals), by the
    statement that stores a result, after everything else it changes.
+
+The hot paths (a pull, a completed report, a lock's grant or release) never lock
+a workflow row: their events are numbered by the database without a counter
+(`event_log`), and their counter moves are inserted as `WorkflowDelta` rows
+(`workflow_counters`); an insert's foreign key check takes only a KEY SHARE lock
+on the workflow row, which `NO KEY UPDATE` leaves free. So many agents on one
+workflow never queue behind each other on its row.
 
 Nothing here is ever locked in the other direction, so two services can never
 wait on each other. Locks that never wait do not count: a pull claims its step
@@ -393,7 +403,10 @@ def lock_file_lock(lock_id: UUID) -> FileLock:
 
 
 def lock_workflow(workflow_id: UUID) -> Workflow:
-    workflow = Workflow.objects.select_for_update(of=("self",)).select_related("project").filter(id=workflow_id).first()
+    # NO KEY UPDATE: it excludes every other change of the row, but not the inserts that only reference it (events,
+    # deltas: their foreign key checks), which would otherwise queue behind it.
+    workflow = (Workflow.objects.select_for_update(of=("self",), no_key=True).select_related("project")
+                .filter(id=workflow_id).first())
     if workflow is None:
         raise NotFound(f"Workflow {workflow_id} does not exist.")
     return workflow

@@ -127,16 +127,14 @@ WITH attempt AS (
         updated_at = %(now)s
     WHERE id = %(step)s
     RETURNING started_at
-), workflow AS (
-    UPDATE coordination_workflow
-    SET event_seq = event_seq + 1, n_ready = n_ready - 1, n_in_progress = n_in_progress + 1,
-        updated_at = statement_timestamp()
-    WHERE id = %(workflow)s
-    RETURNING event_seq
+), delta AS (
+    INSERT INTO coordination_workflowdelta (workflow_id, n_ready, n_in_progress, at)
+    SELECT %(workflow)s, -1, 1, %(now)s FROM step
+    RETURNING id
 )
-INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
-SELECT %(workflow)s, workflow.event_seq, 'step.leased', %(step)s, %(agent)s, %(data)s::jsonb, %(now)s
-FROM workflow, step, attempt
+INSERT INTO coordination_event (workflow_id, kind, step_id, agent_id, data, at)
+SELECT %(workflow)s, 'step.leased', %(step)s, %(agent)s, %(data)s::jsonb, %(now)s
+FROM delta, step, attempt
 RETURNING id AS event_id, seq, (SELECT started_at FROM step) AS started_at
 """
 
@@ -149,8 +147,8 @@ RETURNING id AS event_id, seq, (SELECT started_at FROM step) AS started_at
 # 2. the claim (`_READY_STEPS`, gated on `fresh`, so it runs after the agent's lock);
 # 3. when no claimed step declares files (their locks need `file_locks`' decisions, made in Python), the
 #    grant of every claimed step, as `GRANT_SQL` does one: attempts (their ids and token hashes made by the
-#    caller, one per position `i` in best-first order), the steps' leases, each workflow's counters and
-#    event numbers (its rows locked in id order first: lock order rule 6), and the `step.leased` events.
+#    caller, one per position `i` in best-first order), the steps' leases, a counter delta per workflow (no
+#    workflow row is locked), and the `step.leased` events.
 # With nothing claimed it still answers one row: `fresh` and the steps held.
 _PULL_AT_ONCE_SQL = """
 WITH snap AS (
@@ -190,23 +188,19 @@ WITH snap AS (
     FROM grants g
     WHERE s.id = g.step_id AND EXISTS (SELECT 1 FROM attempts)
     RETURNING s.id, s.started_at
-), workflows_locked AS MATERIALIZED (
-    SELECT w.id FROM coordination_workflow w WHERE w.id IN (SELECT workflow_id FROM grants) ORDER BY w.id FOR UPDATE
-), workflows AS (
-    UPDATE coordination_workflow w
-    SET event_seq = w.event_seq + n.n, n_ready = w.n_ready - n.n, n_in_progress = w.n_in_progress + n.n,
-        updated_at = statement_timestamp()
-    FROM (SELECT workflow_id, count(*) AS n FROM grants GROUP BY workflow_id) AS n
-    WHERE w.id = n.workflow_id AND (SELECT count(*) FROM workflows_locked) > 0
-    RETURNING w.id, w.event_seq - n.n AS seq_before
+), deltas AS (
+    INSERT INTO coordination_workflowdelta (workflow_id, n_ready, n_in_progress, at)
+    SELECT workflow_id, -count(*), count(*), %(now)s FROM grants
+    WHERE EXISTS (SELECT 1 FROM leased) GROUP BY workflow_id
+    RETURNING workflow_id
 ), events AS (
-    INSERT INTO coordination_event (workflow_id, seq, kind, step_id, agent_id, data, at)
-    SELECT g.workflow_id, w.seq_before + row_number() OVER (PARTITION BY g.workflow_id ORDER BY g.i), 'step.leased',
-           g.step_id, %(agent)s,
+    INSERT INTO coordination_event (workflow_id, kind, step_id, agent_id, data, at)
+    SELECT g.workflow_id, 'step.leased', g.step_id, %(agent)s,
            jsonb_build_object('step', g.key, 'agent', %(agent_name)s::text, 'attempt', g.number,
                               'expires_at', to_char(g.expires_at AT TIME ZONE 'UTC', %(iso_format)s)),
            %(now)s
-    FROM grants g JOIN workflows w ON w.id = g.workflow_id
+    FROM (SELECT * FROM grants ORDER BY i) AS g
+    WHERE EXISTS (SELECT 1 FROM leased)
     RETURNING id, seq, step_id, data
 )
 SELECT agent.fresh AND NOT key_used.used AS fresh, held.n AS held, c.*, g.attempt_id, g.number, g.expires_at,

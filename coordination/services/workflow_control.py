@@ -106,7 +106,7 @@ def workflow_cancel(*, workflow_id: UUID, user: AbstractBaseUser | None = None, 
         raise RetryTransaction(f"workflow {workflow_id} changed while its steps were being cancelled")
     Workflow.objects.filter(id=workflow_id).update(status=WorkflowStatus.CANCELLED, finished_at=now, paused_reason="")
     tracing.workflow_settled(workflow_id=workflow_id)
-    event_log.event_record_many([new_event(snapshot.seqs(), "workflow.cancelled", workflow_id=workflow_id,
+    event_log.event_record_many([new_event("workflow.cancelled", workflow_id=workflow_id,
                                            agent_id=agent.id if agent else None,
                                            data={"cancelled_steps": len(cancelled), **actor(user, agent)})])
     return _workflow(workflow_id)
@@ -177,7 +177,7 @@ def step_retry(*, step_id: UUID, user: AbstractBaseUser | None = None, agent: Ag
                                                             failure_reason="")
     if step.status == StepStatus.READY:
         notify.notify_ready([step.role])
-    event_log.event_record_many([new_event(snapshot.seqs(), "step.retried", workflow_id=step.workflow_id, step=step,
+    event_log.event_record_many([new_event("step.retried", workflow_id=step.workflow_id, step=step,
                                            agent_id=agent.id if agent else None,
                                            data={"from": old_status, "unskipped": unskipped, **actor(user, agent)})])
     step.refresh_from_db()
@@ -263,7 +263,9 @@ def workflow_settle(*, workflow_id: UUID) -> str:
 
 
 # Running or paused workflows whose counters say nothing more can run (nothing ready or in progress). Over-budget
-# workflows are not swept: the next report pauses one, and a person may have resumed it on purpose.
+# workflows are not swept: the next report pauses one, and a person may have resumed it on purpose. It reads the
+# rows' own counters: the sweep folds the deltas in just before (`tasks.sweep_expired`), and `workflow_settle`
+# decides again from the live counts.
 _UNSETTLED = Q(status__in=[WorkflowStatus.RUNNING, WorkflowStatus.PAUSED], n_ready=0, n_in_progress=0)
 
 

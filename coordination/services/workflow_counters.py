@@ -1,10 +1,18 @@
-"""The workflow row: its per-status step counters, its spend, its event sequence, and when it settles.
+"""The workflow row: its per-status step counters, its spend, and when it settles.
 
-Every change of a step's status moves the counters in the same transaction, so a
-workflow's status costs one row read whatever its size. The rule for when a
-running workflow has finished (`settled_status`) is here once; the report's
-one-statement completion uses its SQL twin, `SETTLED_STATUS_SQL`, which a test
-compares with the Python for every combination of counters.
+A workflow's status costs one row read whatever its size: every change of a
+step's status moves the counters in the same transaction. The hot paths (a pull,
+a completed report: `pull`, `reports`) never lock the workflow row, so that many
+agents on one workflow do not take turns on it: they insert a `WorkflowDelta`
+instead. The rest (failures, retries, cancels, ...) moves the row itself under
+its lock (`workflow_move`), folding the deltas in as it goes; `workflow_fold`
+folds them for anyone else (the sweep, and now and then a report). Reading a
+workflow through the ORM adds its deltas (`models.WorkflowQuerySet`).
+
+The rule for when a running workflow has finished (`settled_status`) is here
+once; the report's one-statement completion decides what to answer by probing
+the steps themselves (`reports`), and the workflow settles after its commit
+(`workflow_control.workflow_settle`), where every committed delta is counted.
 """
 
 from __future__ import annotations
@@ -20,26 +28,60 @@ from django.utils import timezone
 
 from coordination import rows, tracing
 from coordination.errors import NotFound
-from coordination.models import STEP_COUNTER_FIELDS, Agent, AuditStatus, Event, Step, StepStatus, Workflow, WorkflowStatus
+from coordination.models import (LIVE_FIELDS, STEP_COUNTER_FIELDS, Agent, AuditStatus, Event, Step, StepStatus,
+                                 Workflow, WorkflowStatus)
 from coordination.services import background, event_log
 
 COUNTER_COLUMNS = list(STEP_COUNTER_FIELDS.values())
 
-# Plain SQL: deltas, spend and sequence numbers in one UPDATE ... RETURNING (the ORM needs a second
-# round trip to read the row back). Every counter is a parameter (0 when it does not move).
+# A CTE `folded`: the deltas of the workflows in CTE `locked` (their rows locked by it), deleted and summed per
+# workflow. A delta is deleted by the statement that adds it to its row, under that row's lock, so it is counted
+# once: a fold that waited for the lock finds the rows another fold deleted gone, and sums only its own.
+_FOLDED_CTE = """
+folded_rows AS (
+    DELETE FROM coordination_workflowdelta d USING locked WHERE d.workflow_id = locked.id
+    RETURNING d.workflow_id, {delta_columns}
+), folded AS (
+    SELECT locked.id AS workflow_id, {delta_sums}
+    FROM locked LEFT JOIN folded_rows f ON f.workflow_id = locked.id GROUP BY locked.id
+)""".format(delta_columns=", ".join(f"d.{field}" for field in LIVE_FIELDS),
+            delta_sums=", ".join(f"coalesce(sum(f.{field}), 0) AS {field}" for field in LIVE_FIELDS))
+
+# Plain SQL: lock the row, fold its deltas in, apply a change's moves and spend, and read the live row back, in one
+# statement (the ORM needs several round trips). Every counter is a parameter (0 when it does not move).
 WORKFLOW_MOVE_SQL = f"""
-UPDATE coordination_workflow
-SET event_seq = event_seq + %(events)s, updated_at = statement_timestamp(),
-    {", ".join(f"{column} = {column} + %({column})s" for column in COUNTER_COLUMNS)},
-    spent_usd = spent_usd + %(spent_usd)s, spent_tokens = spent_tokens + %(spent_tokens)s
-WHERE id = %(workflow)s
-RETURNING event_seq, status, total_steps, spent_usd, spent_tokens, budget_usd, budget_tokens,
-          {", ".join(COUNTER_COLUMNS)}
+WITH locked AS (
+    SELECT id FROM coordination_workflow WHERE id = %(workflow)s FOR NO KEY UPDATE
+), {_FOLDED_CTE.strip()}
+UPDATE coordination_workflow w
+SET updated_at = statement_timestamp(),
+    {", ".join(f"{column} = w.{column} + f.{column} + %({column})s" for column in COUNTER_COLUMNS)},
+    spent_usd = w.spent_usd + f.spent_usd + %(spent_usd)s, spent_tokens = w.spent_tokens + f.spent_tokens + %(spent_tokens)s
+FROM folded f
+WHERE w.id = f.workflow_id
+RETURNING w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.budget_tokens,
+          {", ".join(f"w.{column}" for column in COUNTER_COLUMNS)}
+"""
+
+# Plain SQL: fold the deltas of those of the workflows that nobody holds (`SKIP LOCKED`: a fold never waits).
+WORKFLOW_FOLD_SQL = f"""
+WITH locked AS (
+    SELECT id FROM coordination_workflow WHERE id = ANY(%(workflows)s::uuid[]) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED
+), {_FOLDED_CTE.strip()}
+UPDATE coordination_workflow w
+SET {", ".join(f"{field} = w.{field} + f.{field}" for field in LIVE_FIELDS)}, updated_at = statement_timestamp()
+FROM folded f
+WHERE w.id = f.workflow_id
+RETURNING w.id
+"""
+
+# Plain SQL: the workflows that have deltas, oldest first.
+WORKFLOWS_WITH_DELTAS_SQL = """
+SELECT workflow_id FROM coordination_workflowdelta GROUP BY workflow_id ORDER BY min(id) LIMIT %(limit)s
 """
 
 # The status a workflow settles to after a change, over a row `w` with its counters and spend:
-# `settled_status` followed by the budget pause of `workflow_after`. Used inside the report's completion
-# statement; `test_settled_status` pins it to the Python rule.
+# `settled_status` followed by the budget pause of `workflow_after`. `test_settled_status` pins it to the Python.
 SETTLED_STATUS_SQL = """CASE
     WHEN w.status NOT IN ('running', 'paused') THEN w.status
     WHEN w.n_completed = w.total_steps AND w.total_steps > 0 THEN 'completed'
@@ -58,23 +100,19 @@ class WorkflowSnapshot:
     status: str
     total_steps: int
     counts: dict[str, int]
-    first_seq: int
-    last_seq: int
     spent_usd: Decimal = Decimal(0)
     spent_tokens: int = 0
     budget_usd: Decimal | None = None
     budget_tokens: int | None = None
 
     @classmethod
-    def from_row(cls, workflow_id: UUID, row: dict[str, Any], *, events: int) -> WorkflowSnapshot:
-        """From a row holding the columns `WORKFLOW_MOVE_SQL` returns, after allocating `events` numbers."""
+    def from_row(cls, workflow_id: UUID, row: dict[str, Any]) -> WorkflowSnapshot:
+        """From a row holding the columns `WORKFLOW_MOVE_SQL` returns."""
         return cls(
             id=workflow_id,
             status=row["status"],
             total_steps=row["total_steps"],
             counts={status: row[column] for status, column in STEP_COUNTER_FIELDS.items()},
-            first_seq=row["event_seq"] - events + 1,
-            last_seq=row["event_seq"],
             spent_usd=row["spent_usd"],
             spent_tokens=row["spent_tokens"],
             budget_usd=row["budget_usd"],
@@ -83,14 +121,12 @@ class WorkflowSnapshot:
 
     @classmethod
     def of(cls, workflow: Workflow) -> WorkflowSnapshot:
-        """The snapshot of a workflow row as read (no event numbers allocated)."""
+        """The snapshot of a workflow as read (its deltas added)."""
         return cls(
             id=workflow.id,
             status=workflow.status,
             total_steps=workflow.total_steps,
             counts={status: getattr(workflow, column) for status, column in STEP_COUNTER_FIELDS.items()},
-            first_seq=workflow.event_seq + 1,
-            last_seq=workflow.event_seq,
             spent_usd=workflow.spent_usd,
             spent_tokens=workflow.spent_tokens,
             budget_usd=workflow.budget_usd,
@@ -105,9 +141,6 @@ class WorkflowSnapshot:
             return f"budget: used {self.spent_tokens} of {self.budget_tokens} tokens"
         return ""
 
-    def seqs(self):
-        return iter(range(self.first_seq, self.last_seq + 1))
-
     def live_steps(self) -> int:
         return sum(self.counts[status] for status in (StepStatus.PENDING, StepStatus.READY, StepStatus.IN_PROGRESS))
 
@@ -121,33 +154,56 @@ def workflow_move(
     workflow_id: UUID,
     moves: dict[str, int],
     *,
-    events: int = 1,
     spent_usd: Decimal = Decimal(0),
     spent_tokens: int = 0,
 ) -> WorkflowSnapshot:
-    """Apply step-count deltas, add spend and allocate `events` sequence numbers, in one statement.
+    """Apply step-count deltas and add spend to the workflow row, folding its deltas in, in one statement.
 
-    The UPDATE takes the workflow row lock (last in the lock order); its cost does
-    not depend on the number of steps.
+    It takes the workflow row's lock (late in the lock order) and its deltas';
+    its cost does not depend on the number of steps. The snapshot it returns
+    counts every change committed before the statement began, and this one.
     """
     params: dict[str, Any] = {column: 0 for column in COUNTER_COLUMNS}
     for status, delta in moves.items():
         params[STEP_COUNTER_FIELDS[status]] += delta
-    params.update(events=events, spent_usd=spent_usd, spent_tokens=spent_tokens, workflow=workflow_id)
+    params.update(spent_usd=spent_usd, spent_tokens=spent_tokens, workflow=workflow_id)
     with connection.cursor() as cursor:
         cursor.execute(WORKFLOW_MOVE_SQL, params)
         row = rows.fetch_named(cursor)
     if row is None:
         raise NotFound(f"Workflow {workflow_id} does not exist.")
-    return WorkflowSnapshot.from_row(workflow_id, row, events=events)
+    return WorkflowSnapshot.from_row(workflow_id, row)
 
 
-def new_event(seqs, kind: str, *, workflow_id: UUID, step: Step | None = None,
+def workflow_fold(workflow_ids: list[UUID]) -> int:
+    """Fold the deltas of these workflows into their rows, skipping any row another transaction holds (it
+    never waits). Returns how many rows it folded. Reads stay exact either way; folding keeps them cheap."""
+    if not workflow_ids:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(WORKFLOW_FOLD_SQL, {"workflows": list(workflow_ids)})
+        return len(cursor.fetchall())
+
+
+def workflows_fold_sweep(*, limit: int = 1000) -> int:
+    """Fold the deltas of every workflow that has some (Celery beat, with the lease sweep), `limit` workflows a
+    statement. Returns how many workflows it folded."""
+    folded = 0
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(WORKFLOWS_WITH_DELTAS_SQL, {"limit": limit})
+            ids = [row[0] for row in cursor.fetchall()]
+        done = workflow_fold(ids)
+        folded += done
+        if len(ids) < limit or not done:
+            return folded
+
+
+def new_event(kind: str, *, workflow_id: UUID, step: Step | None = None,
               agent_id: UUID | None = None, data: dict[str, Any] | None = None) -> Event:
-    """An unsaved event numbered from `seqs` (a snapshot's allocated sequence numbers)."""
+    """An unsaved event of a workflow (the database numbers it when it is inserted)."""
     return Event(
         workflow_id=workflow_id,
-        seq=next(seqs),
         kind=kind,
         step_id=step.id if step else None,
         agent_id=agent_id,

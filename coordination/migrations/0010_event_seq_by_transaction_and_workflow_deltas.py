@@ -1,0 +1,119 @@
+"""Events numbered by their transaction, and counters moved by deltas: the workflow row stops being a queue.
+
+Every pull and report used to update its workflow's row (an event number, the
+counters), so the agents of one workflow took turns on that row's lock.
+- `Event.seq` is now its transaction's id times 2**20 plus its rank in that
+  transaction (`coordination_event_seq()`, the column's default), and the log is
+  read below the oldest transaction still running (`coordination_event_seq_bound()`):
+  in commit order, with no counter to lock. Existing numbers (1, 2, ...) stay below
+  every new one; an event without a workflow gets 0.
+- `WorkflowDelta` rows carry the hot paths' counter and spend moves; they are
+  folded into the workflow row under its lock (`workflow_counters`).
+"""
+
+import coordination.models
+import django.db.models.deletion
+from django.db import migrations, models
+
+FUNCTIONS_SQL = """
+CREATE FUNCTION coordination_event_seq() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    n integer := coalesce(nullif(current_setting('coordination.event_n', true), ''), '0')::integer + 1;
+BEGIN
+    IF n >= 1048576 THEN
+        RAISE EXCEPTION 'a transaction may record at most 1048575 events'
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    PERFORM set_config('coordination.event_n', n::text, true);  -- true: until the transaction ends
+    RETURN (pg_current_xact_id()::text::bigint << 20) + n;
+END $$;
+
+-- Below it, no event can be added any more: the oldest transaction of the caller's snapshot still running, else
+-- the first one not yet started (or after the caller's own: a transaction reads its own events). A transaction
+-- known to run in another database cannot write here and does not count; one not known (ended since the
+-- snapshot, or not shown to this role) counts.
+CREATE FUNCTION coordination_event_seq_bound() RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT least(
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s) AS x
+         WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                           WHERE a.backend_xid::text::bigint = x::text::bigint % 4294967296
+                             AND a.datname IS DISTINCT FROM current_database())),
+        greatest(pg_snapshot_xmax(s)::text::bigint, pg_current_xact_id_if_assigned()::text::bigint + 1)
+    ) << 20
+    FROM pg_current_snapshot() AS s
+$$;
+"""
+
+DROP_FUNCTIONS_SQL = """
+DROP FUNCTION coordination_event_seq_bound();
+DROP FUNCTION coordination_event_seq();
+"""
+
+BACKFILL_SQL = """
+DO $$
+BEGIN
+    IF (SELECT max(seq) FROM coordination_event) >= (pg_current_xact_id()::text::bigint << 20) THEN
+        RAISE EXCEPTION 'an event number is above the new numbering: renumber the log before migrating';
+    END IF;
+END $$;
+UPDATE coordination_event SET seq = 0 WHERE seq IS NULL;
+"""
+
+UNFILL_SQL = "UPDATE coordination_event SET seq = NULL WHERE workflow_id IS NULL;"
+
+EVENT_SEQ_BACK_SQL = """
+UPDATE coordination_workflow w SET event_seq = e.seq FROM (
+    SELECT workflow_id, max(seq) AS seq FROM coordination_event WHERE workflow_id IS NOT NULL GROUP BY workflow_id
+) AS e WHERE e.workflow_id = w.id;
+"""
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('coordination', '0009_event_settled_index'),
+    ]
+
+    operations = [
+        migrations.CreateModel(
+            name='WorkflowDelta',
+            fields=[
+                ('id', models.BigAutoField(primary_key=True, serialize=False)),
+                ('n_pending', models.IntegerField(db_default=0)),
+                ('n_ready', models.IntegerField(db_default=0)),
+                ('n_in_progress', models.IntegerField(db_default=0)),
+                ('n_completed', models.IntegerField(db_default=0)),
+                ('n_failed', models.IntegerField(db_default=0)),
+                ('n_cancelled', models.IntegerField(db_default=0)),
+                ('n_skipped', models.IntegerField(db_default=0)),
+                ('spent_usd', models.DecimalField(db_default=0, decimal_places=6, max_digits=14)),
+                ('spent_tokens', models.BigIntegerField(db_default=0)),
+                ('at', models.DateTimeField()),
+            ],
+        ),
+        migrations.AlterModelOptions(
+            name='workflow',
+            options={'base_manager_name': 'objects', 'ordering': ['-created_at']},
+        ),
+        migrations.RemoveConstraint(
+            model_name='event',
+            name='event_seq_iff_workflow',
+        ),
+        migrations.RunSQL(FUNCTIONS_SQL, reverse_sql=DROP_FUNCTIONS_SQL),
+        migrations.RunSQL(BACKFILL_SQL, reverse_sql=UNFILL_SQL),
+        migrations.RunSQL(migrations.RunSQL.noop, reverse_sql=EVENT_SEQ_BACK_SQL),
+        migrations.RemoveField(
+            model_name='workflow',
+            name='event_seq',
+        ),
+        migrations.AlterField(
+            model_name='event',
+            name='seq',
+            field=models.BigIntegerField(db_default=coordination.models.NextEventSeq(), editable=False),
+        ),
+        migrations.AddField(
+            model_name='workflowdelta',
+            name='workflow',
+            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='coordination.workflow'),
+        ),
+    ]

@@ -1,0 +1,184 @@
+"""The workflow row is not a queue: the hot paths move its counters by deltas and number their events without it.
+
+A pull and a completed report insert a `WorkflowDelta` and events numbered by their
+transaction; the row is never locked by them. Whatever reads a workflow through the
+ORM sees the row plus its deltas; folding moves them into the row without changing
+what anyone reads. The event log is read below the oldest transaction still running,
+so a reader that goes on from the last `seq` it saw misses nothing.
+"""
+
+import re
+from collections import Counter
+
+import psycopg
+import pytest
+from django.db import DataError, OperationalError, connection, transaction
+
+from coordination import models, selectors
+from coordination.models import LIVE_FIELDS, Event, Step, Workflow, WorkflowDelta
+from coordination.services import event_log, workflow_counters, workflow_creation
+from coordination.tests.agent_calls import pull, report
+
+ROW = ["n_pending", "n_ready", "n_in_progress", "n_completed", "spent_usd", "spent_tokens"]
+
+
+def _row(workflow_id) -> tuple:
+    """The workflow row's own columns, without its deltas (`values_list` reads the table only)."""
+    return tuple(Workflow.objects.values_list(*ROW).get(id=workflow_id))
+
+
+def _live(workflow_id) -> tuple:
+    workflow = Workflow.objects.get(id=workflow_id)
+    return tuple(getattr(workflow, field) for field in ROW)
+
+
+def _steps(workflow_id) -> Counter:
+    return Counter(Step.objects.filter(workflow_id=workflow_id).values_list("status", flat=True))
+
+
+@pytest.mark.django_db
+class DeltaTests:
+    def test_the_hot_paths_leave_the_row_alone_and_every_read_adds_their_deltas(
+            self, developer, owner_client, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A"), step("C")))
+        before = _row(workflow.id)
+        step_id, token = pull(developer)
+        assert report(developer, step_id, token, usage={"model": "m", "prompt_tokens": 3, "completion_tokens": 4,
+                                                        "cost_usd": 0.5}).status_code == 200
+        assert _row(workflow.id) == before  # the row itself did not move
+        assert WorkflowDelta.objects.filter(workflow=workflow).count() == 2  # the pull's and the report's
+        live = Workflow.objects.get(id=workflow.id)
+        assert (live.n_pending, live.n_ready, live.n_in_progress, live.n_completed) == (0, 2, 0, 1)
+        assert (float(live.spent_usd), live.spent_tokens) == (0.5, 7)
+        assert live.counts == {status: _steps(workflow.id)[status] for status in live.counts}
+        status = owner_client.get(f"/v1/workflows/{workflow.id}/status").json()
+        assert status["counts"] == live.counts and status["progress"] == round(1 / 3, 4)
+        # Related access and refresh_from_db read live too.
+        assert Step.objects.get(id=step_id).workflow.n_completed == 1
+        workflow.refresh_from_db()
+        assert workflow.n_completed == 1
+        # Folding moves the deltas into the row; what anyone reads does not change.
+        assert workflow_counters.workflow_fold([workflow.id]) == 1
+        assert not WorkflowDelta.objects.filter(workflow=workflow).exists()
+        assert _row(workflow.id) == _live(workflow.id) == (0, 2, 0, 1, live.spent_usd, 7)
+
+    def test_a_change_on_the_row_folds_the_deltas_in_with_its_own(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A", max_attempts=1), step("B", "A")))
+        step_id, token = pull(developer)  # a delta: ready -1, in progress +1
+        # A failure moves the row itself (under its lock): the pull's delta goes in with it, or the row's own
+        # in-progress count would go below zero (its check constraint).
+        assert report(developer, step_id, token, status="failed", error="no").status_code == 200
+        assert not WorkflowDelta.objects.filter(workflow=workflow).exists()
+        assert _row(workflow.id)[:4] == (0, 0, 0, 0)
+        workflow = Workflow.objects.get(id=workflow.id)
+        assert (workflow.status, workflow.n_failed, workflow.n_skipped) == ("failed", 1, 1)
+
+    def test_saving_an_instance_never_writes_its_counters(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        pull(developer)
+        live = Workflow.objects.get(id=workflow.id)
+        assert live.n_in_progress == 1
+        live.name = "renamed"
+        live.save()  # all fields but the counters: writing the live values into the row would count them twice
+        assert Workflow.objects.values_list("name", "n_in_progress").get(id=workflow.id) == ("renamed", 0)
+        assert _live(workflow.id)[2] == 1
+        with pytest.raises(ValueError, match="n_ready"):
+            live.save(update_fields=["n_ready"])
+
+    def test_the_sweep_folds_every_workflow_with_deltas(self, developer, step, workflow_spec):
+        first = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="one"))
+        second = workflow_creation.workflow_create(spec=workflow_spec(step("B"), name="two"))
+        for _ in range(2):
+            step_id, token = pull(developer)
+            report(developer, step_id, token)
+        live = [_live(first.id), _live(second.id)]
+        assert workflow_counters.workflows_fold_sweep(limit=1) == 2  # one workflow a statement
+        assert not WorkflowDelta.objects.exists()
+        assert [_row(first.id), _row(second.id)] == live
+
+    def test_only_the_fields_read_get_their_deltas(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        pull(developer)
+        only = Workflow.objects.only("id", "n_ready").get(id=workflow.id)
+        assert only.n_ready == 0
+        assert only.n_in_progress == 1  # deferred, then loaded live
+
+    def test_the_delta_sums_are_read_in_the_order_of_the_live_fields(self):
+        assert tuple(re.findall(r"sum\((\w+)\)", models._DELTA_SUMS_SQL)) == LIVE_FIELDS
+
+
+@pytest.mark.django_db(transaction=True)
+class NoWaitOnTheWorkflowRowTests:
+    def test_a_pull_and_a_report_go_through_while_the_workflow_row_is_held(self, developer, step, workflow_spec):
+        """What the hot paths write only references the workflow row (a KEY SHARE lock for the foreign key),
+        which a change holding the row (`FOR NO KEY UPDATE`, as every service locks it) leaves free."""
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C")))
+        params = connection.get_connection_params()
+        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as holder:
+            holder.execute("SELECT id FROM coordination_workflow WHERE id = %s FOR NO KEY UPDATE", [workflow.id])
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '2s'")  # a wait would fail the test, not hang it
+            try:
+                step_id, token = pull(developer)
+                answer = report(developer, step_id, token)
+                assert answer.status_code == 200, answer.content
+                assert answer.json()["workflow_status"] == "running"
+            finally:
+                with connection.cursor() as cursor:
+                    cursor.execute("RESET lock_timeout")
+            holder.rollback()
+        assert _live(workflow.id)[:4] == (0, 2, 0, 1)
+
+    def test_a_fold_skips_a_row_another_transaction_holds(self, developer, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        pull(developer)
+        params = connection.get_connection_params()
+        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as holder:
+            holder.execute("SELECT id FROM coordination_workflow WHERE id = %s FOR NO KEY UPDATE", [workflow.id])
+            assert workflow_counters.workflow_fold([workflow.id]) == 0  # did not wait
+            holder.rollback()
+        assert WorkflowDelta.objects.filter(workflow=workflow).count() == 1
+        assert workflow_counters.workflow_fold([workflow.id]) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+class EventOrderTests:
+    def test_an_event_of_a_running_transaction_is_held_back_and_then_read_in_order(self, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        [created] = selectors.workflow_events(workflow=workflow)[0]
+        params = connection.get_connection_params()
+        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as slow:
+            # A transaction that started writing first, and commits last.
+            slow.execute("INSERT INTO coordination_event (workflow_id, kind, data, at) "
+                         "VALUES (%s, 'slow', '{}', now())", [workflow.id])
+            with transaction.atomic():
+                event_log.event_record(kind="fast", workflow_id=workflow.id)
+            # The fast event is committed, but a reader that took it and went on from its seq would miss the
+            # slow one (numbered below it) when it commits: neither is read yet.
+            assert [e.kind for e in selectors.workflow_events(workflow=workflow)[0]] == ["workflow.created"]
+            assert selectors.workflow_last_seq(workflow.id) == created.seq
+            slow.commit()
+        events, _ = selectors.workflow_events(workflow=workflow, after=created.seq)
+        assert [e.kind for e in events] == ["slow", "fast"]  # in the order they began writing
+
+    def test_a_transaction_reads_its_own_events(self, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        with transaction.atomic():
+            event_log.event_record(kind="mine", workflow_id=workflow.id)
+            assert [e.kind for e in selectors.workflow_events(workflow=workflow)[0]] == ["workflow.created", "mine"]
+
+    def test_one_transactions_events_are_numbered_in_order_up_to_its_limit(self, step, workflow_spec):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        with transaction.atomic():
+            events = event_log.event_record_many(
+                [workflow_counters.new_event(f"e{i}", workflow_id=workflow.id) for i in range(5)])
+            seqs = [event.seq for event in events]
+            assert seqs == sorted(seqs) and seqs[-1] - seqs[0] == 4  # consecutive within the transaction
+        assert [e.kind for e in Event.objects.filter(workflow=workflow).order_by("seq")][1:] == [
+            f"e{i}" for i in range(5)]
+        with pytest.raises((DataError, OperationalError), match="at most 1048575 events"):
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT set_config('coordination.event_n', '1048575', true)")
+                event_log.event_record(kind="one too many", workflow_id=workflow.id)
+        assert not Event.objects.filter(kind="one too many").exists()
