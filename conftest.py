@@ -88,6 +88,16 @@ def _notification_listener(django_db_setup):
 
 
 @pytest.fixture(autouse=True)
+def _no_random_fold(monkeypatch):
+    """Reports fold their workflow's counter deltas now and then, at random (`reports.FOLD_SHARE`): in process,
+    tests see no fold unless they ask for one, so that what they count (statements, rows) does not depend on
+    chance. Servers started by the tests fold as in production."""
+    from coordination.services import reports
+
+    monkeypatch.setattr(reports, "FOLD_SHARE", 0)
+
+
+@pytest.fixture(autouse=True)
 def _empty_agent_cache():
     """Agents a test cached are forgotten: its rows were rolled back without a notification."""
     yield

@@ -80,13 +80,16 @@ usage AS (
 # database), the `Result` with the answer a repeated report gets, and the agent's usage (the last lock).
 _COMPLETE_SQL = """
 WITH step AS (
+    -- `held`: the row as it was (the lease's attempt, which the update clears).
     UPDATE coordination_step s
     SET status = 'completed', final_result = %(final_result)s, outputs = %(outputs)s::jsonb, error = '',
         finished_at = %(now)s, lease_agent_id = NULL, lease_expires_at = NULL, lease_attempt_id = NULL,
         updated_at = %(now)s
-    WHERE s.id = %(step)s AND {step_guard}
-    RETURNING s.id, s.key, s.role, s.workflow_id
+    FROM coordination_step held
+    WHERE s.id = %(step)s AND held.id = s.id AND {step_guard}
+    RETURNING s.id, s.key, s.role, s.workflow_id, held.lease_attempt_id
 ), attempt AS (
+    -- By its primary key: an agent's attempts are never scanned.
     UPDATE coordination_attempt a SET ended_at = %(now)s, outcome = 'completed'
     FROM step
     WHERE a.step_id = step.id AND {attempt_match}
@@ -223,7 +226,7 @@ COMPLETE_SQL = {
         StepStatus.IN_PROGRESS,
         step_guard=("s.status = 'in_progress' AND s.lease_agent_id = %(agent)s AND s.lease_token_hash = %(hash)s "
                     "AND s.lease_expires_at > %(now)s"),
-        attempt_match="a.lease_token_hash = %(hash)s AND a.agent_id = %(agent)s"),
+        attempt_match="a.id = step.lease_attempt_id AND a.lease_token_hash = %(hash)s AND a.agent_id = %(agent)s"),
     StepStatus.READY: _completion_sql(StepStatus.READY, step_guard="s.status = 'ready'",
                                       attempt_match="a.id = %(attempt)s"),
 }

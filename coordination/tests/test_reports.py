@@ -142,6 +142,40 @@ class LockingStatementPlanTests:
         locked = lock_order.locked_step(first.id, along=lock_order.Along[along])
         assert locked.id == first.id
 
+    def test_the_completion_finds_its_attempt_by_the_lease_whatever_the_agents_history(
+            self, developer, step, workflow_spec):
+        """A report's cost must not grow with its agent's history (its attempts)."""
+        import json
+        import re
+        import uuid
+
+        from django.db import connection
+        from django.utils import timezone
+
+        from coordination.models import Attempt, Step, StepStatus
+
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
+        now = timezone.now()
+        done = Step.objects.bulk_create(
+            [Step(workflow=workflow, key=f"done{i}", name="x", role="developer", status=StepStatus.COMPLETED,
+                  finished_at=now) for i in range(5000)], batch_size=5000)
+        Attempt.objects.bulk_create(
+            [Attempt(step=s, agent=developer.agent, number=1, lease_token_hash=uuid.uuid4().hex, expires_at=now,
+                     ended_at=now, outcome="completed") for s in done], batch_size=5000)
+        step_id, _ = pull(developer)
+        params = {"now": now, "step": step_id, "agent": developer.agent.id, "hash": "x", "attempt": None,
+                  "actor": "{}", "result": uuid.uuid4(), "final_result": "", "outputs": "{}", "usd": 0, "tokens": 0,
+                  "model": "", "prompt_tokens": 0, "completion_tokens": 0, "execution_time_s": None,
+                  "n_completed": 1, "indexes": [], "thoughts": [], "actions": [], "observations": []}
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE coordination_attempt")
+            cursor.execute("ANALYZE coordination_step")
+            cursor.execute("EXPLAIN (FORMAT JSON) " + reports.COMPLETE_SQL["in_progress"], params)
+            plan = json.dumps(cursor.fetchone()[0])
+        assert "coordination_attempt_agent_id" not in plan and '"Seq Scan"' not in plan, plan
+        # Its attempt by the step's lease (primary key, or the step's attempt numbers), never by the agent.
+        assert re.search(r'"Index Name": "(coordination_attempt_pkey|attempt_number_unique)"', plan), plan
+
 
 def _outcome(**fields) -> reports.Outcome:
     return reports.Outcome(status="completed", final_result="done", **fields)

@@ -85,6 +85,16 @@ class DeltaTests:
         with pytest.raises(ValueError, match="n_ready"):
             live.save(update_fields=["n_ready"])
 
+    def test_a_report_folds_its_workflows_deltas_now_and_then(self, developer, step, workflow_spec, monkeypatch):
+        from coordination.services import reports
+
+        monkeypatch.setattr(reports, "FOLD_SHARE", 1)  # every time
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        step_id, token = pull(developer)
+        assert report(developer, step_id, token).status_code == 200
+        assert not WorkflowDelta.objects.filter(workflow=workflow).exists()
+        assert _row(workflow.id)[:4] == (0, 1, 0, 1)
+
     def test_the_sweep_folds_every_workflow_with_deltas(self, developer, step, workflow_spec):
         first = workflow_creation.workflow_create(spec=workflow_spec(step("A"), name="one"))
         second = workflow_creation.workflow_create(spec=workflow_spec(step("B"), name="two"))
