@@ -208,7 +208,7 @@ def bare_ceiling(seconds: float) -> float:
     import dispatch
 
     with server(SERVER, bare=True) as (base, _process):
-        dispatch.bare_round_trips(base, 2, 1.0)
+        dispatch.bare_round_trips(base, 8, 1.0)  # warm up, as AgentManager's server is
         return dispatch.bare_round_trips(base, 8, seconds)[0]
 
 
@@ -255,7 +255,7 @@ def main() -> None:
     # AgentManager's figures and after them, and the mean is the reference (both are printed).
     bare_runs = [bare_ceiling(s)]
     with server(SERVER) as (base, _process):
-        cycles(base, singles[:2], 1.0, "bench")  # warm up
+        cycles(base, singles, 1.0, "bench")  # warm up: every worker process has served requests
         results["pull_report_8"] = cycles(base, singles, s, "bench")
         say(f"pull+report x8: {results['pull_report_8']:.0f}/s")
         results["batch_8"] = cycles(base, batchers, s, "batch", batch=8)

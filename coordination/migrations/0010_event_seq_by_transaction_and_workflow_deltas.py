@@ -33,11 +33,13 @@ END $$;
 -- known to run in another database cannot write here and does not count; one not known (ended since the
 -- snapshot, or not shown to this role) counts.
 CREATE FUNCTION coordination_event_seq_bound() RETURNS bigint LANGUAGE sql STABLE AS $$
+    WITH elsewhere AS (
+        SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+        WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+    )
     SELECT least(
         (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s) AS x
-         WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                           WHERE a.backend_xid::text::bigint = x::text::bigint % 4294967296
-                             AND a.datname IS DISTINCT FROM current_database())),
+         WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM elsewhere)),
         greatest(pg_snapshot_xmax(s)::text::bigint, pg_current_xact_id_if_assigned()::text::bigint + 1)
     ) << 20
     FROM pg_current_snapshot() AS s

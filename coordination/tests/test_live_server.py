@@ -9,8 +9,8 @@ import httpx
 import pytest
 from django.db import connection
 
-from coordination.services import agent_registry, pull, reports, workflow_control, workflow_creation
-from coordination.models import Agent, AgentUsage, Attempt, AttemptOutcome, Result, Step, Workflow
+from coordination.services import agent_registry, pull, reports, workflow_control, workflow_counters, workflow_creation
+from coordination.models import Agent, AgentUsage, Attempt, AttemptOutcome, Result, Step, Workflow, WorkflowDelta
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -121,6 +121,11 @@ class ConcurrentBatchPullTests:
         counts = Counter(Step.objects.filter(workflow=workflow).values_list("status", flat=True))
         assert counts == Counter({"completed": 300})
         assert (workflow.n_completed, workflow.n_ready, workflow.n_in_progress, workflow.n_pending) == (300, 0, 0, 0)
+        # Folded into the row, the deltas the run left give the same figures.
+        workflow_counters.workflow_fold([workflow.id])
+        assert not WorkflowDelta.objects.filter(workflow=workflow).exists()
+        assert Workflow.objects.filter(id=workflow.id).values_list(
+            "n_completed", "n_ready", "n_in_progress", "n_pending").get() == (300, 0, 0, 0)
         # Each agent's kept usage counts exactly the results it reported.
         kept = dict(AgentUsage.objects.values_list("agent__name", "steps_completed"))
         reported = Counter(attempts.values_list("agent__name", flat=True))
