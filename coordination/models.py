@@ -128,37 +128,43 @@ TERMINAL_WORKFLOW_STATUSES = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus
 # `WorkflowDelta`, and a workflow's live figures are its row plus its deltas (`workflow_counters` folds them in).
 LIVE_FIELDS = (*STEP_COUNTER_FIELDS.values(), "spent_usd", "spent_tokens")
 
-# A plain constant (`test_write_guard` reads it): the sums in `LIVE_FIELDS` order (`test_workflow_deltas` pins it).
-_DELTA_SUMS_SQL = """
-SELECT workflow_id, sum(n_pending), sum(n_ready), sum(n_in_progress), sum(n_completed), sum(n_failed),
-       sum(n_cancelled), sum(n_skipped), sum(spent_usd), sum(spent_tokens)
-FROM coordination_workflowdelta WHERE workflow_id = ANY(%s) GROUP BY workflow_id
+# A plain constant (`test_write_guard` reads it): each workflow's row plus its deltas, in `LIVE_FIELDS` order
+# (`test_workflow_deltas` pins it), read in one statement so that a fold committing meanwhile is counted once.
+_LIVE_SQL = """
+SELECT w.id, w.n_pending + coalesce(sum(d.n_pending), 0), w.n_ready + coalesce(sum(d.n_ready), 0),
+       w.n_in_progress + coalesce(sum(d.n_in_progress), 0), w.n_completed + coalesce(sum(d.n_completed), 0),
+       w.n_failed + coalesce(sum(d.n_failed), 0), w.n_cancelled + coalesce(sum(d.n_cancelled), 0),
+       w.n_skipped + coalesce(sum(d.n_skipped), 0), w.spent_usd + coalesce(sum(d.spent_usd), 0),
+       (w.spent_tokens + coalesce(sum(d.spent_tokens), 0))::bigint
+FROM coordination_workflow w LEFT JOIN coordination_workflowdelta d ON d.workflow_id = w.id
+WHERE w.id = ANY(%s) GROUP BY w.id
 """
 
 
 class _LiveWorkflowIterable(ModelIterable):
-    """Workflow instances with their deltas added (one more query per 500 rows), so that whatever reads a
-    workflow through the ORM (API, dashboard, admin, services) sees its live counters and spend."""
+    """Workflow instances with their live counters and spend (the row plus its deltas, one more query per 500
+    rows), so that whatever reads a workflow through the ORM (API, dashboard, admin, services) sees them.
+    A workflow reached through `select_related` is not: it carries its row's own figures."""
 
     def __iter__(self):
         batch: list = []
         for workflow in super().__iter__():
             batch.append(workflow)
             if len(batch) == 500:
-                yield from self._with_deltas(batch)
+                yield from self._live(batch)
                 batch = []
-        yield from self._with_deltas(batch)
+        yield from self._live(batch)
 
-    def _with_deltas(self, batch: list) -> list:
+    def _live(self, batch: list) -> list:
         if batch:
             with connections[self.queryset.db].cursor() as cursor:
-                cursor.execute(_DELTA_SUMS_SQL, [[workflow.id for workflow in batch]])
-                sums = {row[0]: row[1:] for row in cursor.fetchall()}
+                cursor.execute(_LIVE_SQL, [[workflow.id for workflow in batch]])
+                live = {row[0]: row[1:] for row in cursor.fetchall()}
             for workflow in batch:
-                deferred = workflow.get_deferred_fields()  # `only()`: nothing to add to what was not read
-                for field, delta in zip(LIVE_FIELDS, sums.get(workflow.id, ())):
+                deferred = workflow.get_deferred_fields()  # `only()`: nothing to set for what was not read
+                for field, value in zip(LIVE_FIELDS, live.get(workflow.id, ())):
                     if field not in deferred:
-                        setattr(workflow, field, getattr(workflow, field) + delta)
+                        setattr(workflow, field, value)
         return batch
 
 
@@ -614,8 +620,9 @@ SETTLED_EVENT_KINDS = ("workflow.completed", "workflow.failed", "workflow.cancel
 
 class NextEventSeq(Func):
     """An event's `seq` (its column's default): its transaction's id times 2**20, plus its rank in that
-    transaction; events are read below the oldest transaction still running (`EVENT_SEQ_BOUND_SQL`), so the
-    log reads in commit order without a counter that every change must lock (migration 0010)."""
+    transaction. Events are read below the oldest transaction still running (`EVENT_SEQ_BOUND_SQL`), so the log
+    only ever grows at its end for a reader, without a counter that every change must lock (migration 0010;
+    `services.event_log` says what order that gives)."""
 
     function = "coordination_event_seq"
     template = "%(function)s()"
@@ -624,6 +631,9 @@ class NextEventSeq(Func):
 
 # Events with a smaller `seq` are final: no transaction still running can add one below it.
 EVENT_SEQ_BOUND_SQL = "coordination_event_seq_bound()"
+# The first `seq` of the caller's own transaction (NULL before it has written); its events span 2**20 numbers.
+EVENT_SEQ_OWN_SQL = "coordination_event_seq_own()"
+EVENT_SEQ_SPAN = 2**20
 
 
 class Event(models.Model):

@@ -12,6 +12,8 @@ from django.utils import timezone
 from coordination.errors import NotFound
 from coordination.models import (
     EVENT_SEQ_BOUND_SQL,
+    EVENT_SEQ_OWN_SQL,
+    EVENT_SEQ_SPAN,
     Agent,
     AuditReport,
     Event,
@@ -65,8 +67,11 @@ def step_get(*, step_id: UUID) -> Step:
 def visible_events(events: QuerySet[Event]) -> QuerySet[Event]:
     """Only the final part of the log: events below the oldest transaction still running, which no transaction
     can add to any more (`models.NextEventSeq`). Read in `seq` order, a reader that goes on from the last `seq`
-    it saw misses nothing; an event committed by a long transaction shows once that transaction has ended."""
-    return events.filter(seq__lt=RawSQL(EVENT_SEQ_BOUND_SQL, []))
+    it saw misses nothing; an event committed by a long transaction shows once that transaction has ended.
+    A transaction also reads its own events."""
+    own = RawSQL(EVENT_SEQ_OWN_SQL, [])
+    return events.filter(Q(seq__lt=RawSQL(EVENT_SEQ_BOUND_SQL, []))
+                         | Q(seq__gte=own, seq__lt=RawSQL(f"{EVENT_SEQ_OWN_SQL} + {EVENT_SEQ_SPAN}", [])))
 
 
 def workflow_events(*, workflow: Workflow, after: int = 0, limit: int = 500) -> tuple[list[Event], bool]:

@@ -21,6 +21,9 @@ def _render(template: str, ctx: dict, viewer: dict | None = None) -> str:
 
 
 def _seq_marker(seq: int | None) -> str:
+    """Where the page's catch-up after a reconnection goes on from: the last event of the final part of the log
+    (`selectors.visible_events`), not the event just pushed: an event numbered below it may still commit. Events
+    the page already has come again then; the page drops them by id (static/js/am.js)."""
     return f'<span id="live-seq" data-seq="{seq or 0}" hidden></span>'
 
 
@@ -79,7 +82,7 @@ def workflow(workflow_id: UUID, event_id: int, viewer: dict) -> str:
     if event.kind == "files.changed":
         parts.append(_render("_workflow_files.html", {"files": context.workflow_files(wf), "oob": True}, viewer))
     parts.append(_event_row(event, target="timeline", where="beforeend", viewer=viewer))
-    parts.append(_seq_marker(event.seq))
+    parts.append(_seq_marker(selectors.workflow_last_seq(workflow_id)))
     return "".join(parts)
 
 
@@ -100,12 +103,13 @@ def workflow_refresh(workflow_id: UUID, after: int, viewer: dict) -> str:
 def step(step_id: UUID, event_id: int, viewer: dict) -> str:
     event = Event.objects.filter(id=event_id).first()
     if event is None or event.step_id != step_id:
-        return _seq_marker(event.seq) if event else ""
+        return _seq_marker(selectors.workflow_last_seq(event.workflow_id)) if event and event.workflow_id else ""
     if event.kind == "step.progress":
         iterations = Iteration.objects.filter(attempt__step_id=step_id, attempt__number=event.data.get("attempt"),
                                               index__in=event.data.get("iterations", [])).order_by("index")
         items = "".join(_render("_iteration.html", {"iteration": it}, viewer) for it in iterations)
-        return f'<ol hx-swap-oob="beforeend:#thread">{items}</ol>' + _seq_marker(event.seq)
+        return f'<ol hx-swap-oob="beforeend:#thread">{items}</ol>' + _seq_marker(
+            selectors.workflow_last_seq(event.workflow_id))
     return step_refresh(step_id, viewer)
 
 

@@ -318,8 +318,8 @@ def redis_stopped(cluster: Cluster, steps: int = 12, outage_s: float = 10.0) -> 
     cluster.start_redis()
     say(f"  Redis started again; {during - before} steps completed during the outage")
     # The page reconnects and asks for what it missed, as am.js does.
-    seen = {int(m) for m in re.findall(r'data-seq="(\d+)"', socket.text())}
-    last_seen = max(seen) if seen else 0
+    markers = re.findall(r'id="live-seq" data-seq="(\d+)"', socket.text())  # the page's last marker, as am.js
+    last_seen = int(markers[-1]) if markers else 0
     reconnect = wait_until(lambda: _try_reconnect(socket), 30, "the page's socket to reconnect")
     socket.send(json.dumps({"catch_up_after": last_seen}))
     _wait_finished(workflow.id, 120)

@@ -4,8 +4,8 @@ Every pull and report used to update its workflow's row (an event number, the
 counters), so the agents of one workflow took turns on that row's lock.
 - `Event.seq` is now its transaction's id times 2**20 plus its rank in that
   transaction (`coordination_event_seq()`, the column's default), and the log is
-  read below the oldest transaction still running (`coordination_event_seq_bound()`):
-  in commit order, with no counter to lock. Existing numbers (1, 2, ...) stay below
+  read below the oldest transaction still running (`coordination_event_seq_bound()`),
+  so a reader going on from its last seq misses nothing, with no counter to lock. Existing numbers (1, 2, ...) stay below
   every new one; an event without a workflow gets 0.
 - `WorkflowDelta` rows carry the hot paths' counter and spend moves; they are
   folded into the workflow row under its lock (`workflow_counters`).
@@ -29,9 +29,9 @@ BEGIN
 END $$;
 
 -- Below it, no event can be added any more: the oldest transaction of the caller's snapshot still running, else
--- the first one not yet started (or after the caller's own: a transaction reads its own events). A transaction
--- known to run in another database cannot write here and does not count; one not known (ended since the
--- snapshot, or not shown to this role) counts.
+-- the first one not yet started when the snapshot was taken. A transaction known to run in another database
+-- cannot write here and does not count; one not known (ended since the snapshot, or not shown to this role)
+-- counts.
 CREATE FUNCTION coordination_event_seq_bound() RETURNS bigint LANGUAGE sql STABLE AS $$
     WITH elsewhere AS (
         SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
@@ -40,13 +40,20 @@ CREATE FUNCTION coordination_event_seq_bound() RETURNS bigint LANGUAGE sql STABL
     SELECT least(
         (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s) AS x
          WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM elsewhere)),
-        greatest(pg_snapshot_xmax(s)::text::bigint, pg_current_xact_id_if_assigned()::text::bigint + 1)
+        pg_snapshot_xmax(s)::text::bigint
     ) << 20
     FROM pg_current_snapshot() AS s
+$$;
+
+-- The first number of the caller's own transaction (NULL before it has written): a transaction reads its own
+-- events too.
+CREATE FUNCTION coordination_event_seq_own() RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT pg_current_xact_id_if_assigned()::text::bigint << 20
 $$;
 """
 
 DROP_FUNCTIONS_SQL = """
+DROP FUNCTION coordination_event_seq_own();
 DROP FUNCTION coordination_event_seq_bound();
 DROP FUNCTION coordination_event_seq();
 """
@@ -67,6 +74,22 @@ EVENT_SEQ_BACK_SQL = """
 UPDATE coordination_workflow w SET event_seq = e.seq FROM (
     SELECT workflow_id, max(seq) AS seq FROM coordination_event WHERE workflow_id IS NOT NULL GROUP BY workflow_id
 ) AS e WHERE e.workflow_id = w.id;
+"""
+
+# Reversed, the deltas are folded into their workflows' rows first (this is the last operation: it is undone first).
+FOLD_BACK_SQL = """
+UPDATE coordination_workflow w
+SET n_pending = w.n_pending + d.n_pending, n_ready = w.n_ready + d.n_ready,
+    n_in_progress = w.n_in_progress + d.n_in_progress, n_completed = w.n_completed + d.n_completed,
+    n_failed = w.n_failed + d.n_failed, n_cancelled = w.n_cancelled + d.n_cancelled,
+    n_skipped = w.n_skipped + d.n_skipped, spent_usd = w.spent_usd + d.spent_usd,
+    spent_tokens = w.spent_tokens + d.spent_tokens
+FROM (SELECT workflow_id, sum(n_pending) AS n_pending, sum(n_ready) AS n_ready, sum(n_in_progress) AS n_in_progress,
+             sum(n_completed) AS n_completed, sum(n_failed) AS n_failed, sum(n_cancelled) AS n_cancelled,
+             sum(n_skipped) AS n_skipped, sum(spent_usd) AS spent_usd, sum(spent_tokens) AS spent_tokens
+      FROM coordination_workflowdelta GROUP BY workflow_id) AS d
+WHERE d.workflow_id = w.id;
+DELETE FROM coordination_workflowdelta;
 """
 
 
@@ -118,4 +141,5 @@ class Migration(migrations.Migration):
             name='workflow',
             field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='coordination.workflow'),
         ),
+        migrations.RunSQL(migrations.RunSQL.noop, reverse_sql=FOLD_BACK_SQL),
     ]

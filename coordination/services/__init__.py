@@ -11,7 +11,7 @@ the module they use (`from coordination.services import reports`).
 - `projects`: projects (the namespace of a workspace).
 - `workflow_specs`: what a submitter or the planner sends, and its validation.
 - `workflow_creation`: a graph stored, a goal planned.
-- `workflow_counters`: the workflow row's counters, spend, event numbers, settling.
+- `workflow_counters`: a workflow's counters and spend (its row and its deltas), settling.
 - `pull`: leasing the best ready step, the long-poll, what could be pulled now.
 - `leases`: heartbeats, hand-backs, expiry of a dead agent's lease.
 - `reports`: results applied (and people's approval decisions).

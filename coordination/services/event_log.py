@@ -1,10 +1,13 @@
 """The event log: every change appends its events in its own transaction; they are published after commit.
 
 An event's `seq` is given by the database (`models.NextEventSeq`, the column's
-default): its transaction's id, then its rank in that transaction. Reading only
-below the oldest transaction still running (`selectors.visible_events`) gives the log in
-commit order, and a reader that goes on from the last `seq` it saw never misses
-one; no change waits on a counter to number its events.
+default): its transaction's id, then its rank in that transaction, so the log is
+ordered by when each change began to write, and within a change as it wrote.
+Reading only below the oldest transaction still running (`selectors.visible_events`)
+makes the log append-only for readers: one that goes on from the last `seq` it saw
+never misses an event. No change waits on a counter to number its events. (Two
+changes that overlap may appear in the other order than they committed: a cancel
+that began before a report it then waited for is logged before the report.)
 """
 
 from __future__ import annotations

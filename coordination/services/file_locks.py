@@ -610,8 +610,8 @@ def lock_release_for_steps(*, step_ids: list[UUID], reason: str) -> int:
 def record_locks_released(released: list[dict[str, Any]], *, reason: str, kind: str = "locks.released") -> None:
     """Wake lock waiters and record one event per (workflow, step, agent) for released lock rows.
 
-    Each row has `project_id`, `workflow_id`, `step_id`, `agent_id`, `path`, `mode`, `fencing`;
-    workflows are numbered in id order (the lock order's last rule).
+    Each row has `project_id`, `workflow_id`, `step_id`, `agent_id`, `path`, `mode`, `fencing`; the events are
+    recorded workflow by workflow, in id order.
     """
     notify.notify_locks({row["project_id"] for row in released})
     grouped: dict[tuple, list] = {}

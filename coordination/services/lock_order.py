@@ -22,12 +22,14 @@ Every transaction that waits for more than one lock takes them in this order:
 7. the reporting agent's usage row (`AgentUsage`: its kept totals), by the
    statement that stores a result, after everything else it changes.
 
-The hot paths (a pull, a completed report, a lock's grant or release) never lock
-a workflow row: their events are numbered by the database without a counter
+The hot paths' statements (a pull, a completed report, a lock's grant or release)
+never lock a workflow row: their events are numbered by the database without a counter
 (`event_log`), and their counter moves are inserted as `WorkflowDelta` rows
 (`workflow_counters`); an insert's foreign key check takes only a KEY SHARE lock
 on the workflow row, which `NO KEY UPDATE` leaves free. So many agents on one
-workflow never queue behind each other on its row.
+workflow never queue behind each other on its row. A completion that may finish
+its workflow settles it after its commit, in a transaction of its own (a
+completion holds the usage row, rule 7, by then).
 
 Nothing here is ever locked in the other direction, so two services can never
 wait on each other. Locks that never wait do not count: a pull claims its step
@@ -402,10 +404,11 @@ def lock_file_lock(lock_id: UUID) -> FileLock:
 # --- 5. workflows ------------------------------------------------------------------
 
 
-def lock_workflow(workflow_id: UUID) -> Workflow:
-    # NO KEY UPDATE: it excludes every other change of the row, but not the inserts that only reference it (events,
-    # deltas: their foreign key checks), which would otherwise queue behind it.
-    workflow = (Workflow.objects.select_for_update(of=("self",), no_key=True).select_related("project")
+def lock_workflow(workflow_id: UUID, *, deleting: bool = False) -> Workflow:
+    """The workflow, its row locked `FOR NO KEY UPDATE`: that excludes every other change of the row, but not the
+    inserts that only reference it (events, deltas: their foreign key checks), which would otherwise queue
+    behind it. `deleting`: `FOR UPDATE`, which holds those inserts back until the row is gone."""
+    workflow = (Workflow.objects.select_for_update(of=("self",), no_key=not deleting).select_related("project")
                 .filter(id=workflow_id).first())
     if workflow is None:
         raise NotFound(f"Workflow {workflow_id} does not exist.")

@@ -8,6 +8,7 @@ again gets the first answer back and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -138,13 +139,15 @@ WITH step AS (
 ), probe AS (
     -- Whether anything else is ready or running in the workflow (this step's own change is not visible here).
     SELECT EXISTS (SELECT 1 FROM coordination_step o
-                   WHERE o.workflow_id = step.workflow_id AND o.status = 'ready' AND o.id <> step.id) AS ready,
+                   WHERE o.workflow_id = step.workflow_id AND o.status = 'ready' AND o.id <> step.id
+                     AND o.role <> 'human') AS ready,
            EXISTS (SELECT 1 FROM coordination_step o
                    WHERE o.workflow_id = step.workflow_id AND o.status = 'in_progress' AND o.id <> step.id) AS running
     FROM step
 ), wf AS (
     -- `may_settle`: nothing released, nothing else ready or running, or a budget to check; `quiet`: nothing
-    -- released and nothing else ready, so the steps still running (reported concurrently) may be the last.
+    -- released and no other step ready for an agent, so the steps still running or awaiting a person's decision
+    -- (reported or decided concurrently) may be the last.
     SELECT w.id, w.status, w.total_steps, w.budget_usd, w.budget_tokens, ready.released_keys, ready.released_roles,
            ready.n_released,
            (ready.n_released = 0 AND NOT probe.ready AND NOT probe.running)
@@ -209,7 +212,9 @@ def _completion_sql(from_status: str, *, step_guard: str, attempt_match: str) ->
         attempt_match=attempt_match,
         delta_columns=", ".join(COUNTER_COLUMNS),
         delta_values=", ".join(moves[column] for column in COUNTER_COLUMNS),
-        delta_sums=", ".join(f"sum(d.{field}) AS {field}" for field in LIVE_FIELDS),
+        # (sum() of a bigint is numeric: the tokens are cast back.)
+        delta_sums=", ".join(f"sum(d.{field}){'::bigint' if field == 'spent_tokens' else ''} AS {field}"
+                             for field in LIVE_FIELDS),
         live_columns=", ".join(f"b.{field} + coalesce(sums.{field}, 0) + delta.{field} AS {field}"
                                for field in LIVE_FIELDS),
         settled_status=SETTLED_STATUS_SQL,
@@ -294,10 +299,11 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
 
     None when it did not apply (not the live lease's holder, a repeated report, or
     PostgreSQL refused it for a conflict): nothing was written, and the caller takes
-    the full path, which tells those cases apart. Settling the workflow (finished,
-    or paused over its budget) is rare and follows in a transaction of its own,
-    decided again there from the counters (`workflow_control.workflow_settle`; the
-    sweep settles a workflow whose process died in between).
+    the full path, which tells those cases apart. When the workflow may be settling
+    (finished, or paused over its budget), or only its last steps are left, it is
+    settled in a transaction of its own right after, decided again there from the
+    counters (`workflow_control.workflow_settle`; the sweep settles a workflow whose
+    process died in between). Now and then it folds the workflow's deltas instead.
     """
     try:
         completed = _complete(step_id=step_id, from_status=StepStatus.IN_PROGRESS, outcome=outcome,
@@ -311,18 +317,24 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
         return None
     response, workflow_id, settles = completed
     if settles:
-        try:
-            workflow_control.workflow_settle(workflow_id=workflow_id)
-        except (ServiceError, OperationalError):
-            # The report stands (committed); the sweep settles the workflow (`workflows_settle_sweep`).
-            logger.warning("Workflow %s was not settled after step %s's report; the sweep will settle it.",
-                           workflow_id, step_id, exc_info=True)
+        _settle_after_commit(workflow_id, step_id)
     elif random.random() < FOLD_SHARE:
         try:
             workflow_fold([workflow_id])
         except OperationalError:
             logger.warning("Could not fold workflow %s's counters now; the sweep will.", workflow_id, exc_info=True)
     return response
+
+
+def _settle_after_commit(workflow_id: UUID, step_id: UUID) -> None:
+    """Settle the workflow after a completion committed (`workflow_control.workflow_settle`, which folds its
+    deltas in and decides under its lock). The completion stands whatever happens here: if settling fails, the
+    sweep settles the workflow (`workflows_settle_sweep`)."""
+    try:
+        workflow_control.workflow_settle(workflow_id=workflow_id)
+    except (ServiceError, OperationalError):
+        logger.warning("Workflow %s was not settled after step %s's completion; the sweep will settle it.",
+                       workflow_id, step_id, exc_info=True)
 
 
 def _complete(*, step_id: UUID, from_status: str, outcome: Outcome, agent_id: UUID | None, actor: dict[str, Any],
@@ -418,7 +430,9 @@ def finish_step(*, step: Step, attempt: Attempt, outcome: Outcome, now: datetime
             raise AssertionError(f"step {step.id} changed under its lock")  # the caller checked, under the lock
         response, workflow_id, settles = completed
         if settles:
-            workflow_control.workflow_settle(workflow_id=workflow_id)  # in this transaction
+            # After the commit, in a transaction of its own: the usage row is locked already, and the workflow
+            # row comes before it in the lock order.
+            transaction.on_commit(functools.partial(_settle_after_commit, workflow_id, step.id))
         return response
     else:
         usage = outcome.usage

@@ -27,7 +27,6 @@ from coordination.models import (
 from coordination.services import event_log, file_locks, lock_order
 from coordination.services.lock_order import Along, RetryTransaction
 from coordination.services.workflow_counters import (
-    WorkflowSnapshot,
     actor,
     add,
     new_event,
@@ -233,7 +232,7 @@ def workflow_delete(*, workflow_id: UUID, user: AbstractBaseUser | None = None) 
     if _workflow(workflow_id).status not in TERMINAL_WORKFLOW_STATUSES:
         raise InvalidState(f"Workflow {_workflow(workflow_id).name!r} is live; cancel it before deleting it.")
     lock_order.lock_all_steps(workflow_id)
-    workflow = lock_order.lock_workflow(workflow_id)
+    workflow = lock_order.lock_workflow(workflow_id, deleting=True)
     if workflow.status not in TERMINAL_WORKFLOW_STATUSES:
         raise RetryTransaction(f"workflow {workflow_id} came back to life while it was being deleted")
     data = {"workflow_id": str(workflow.id), "name": workflow.name, "project": workflow.project.name,
@@ -248,12 +247,12 @@ def workflow_settle(*, workflow_id: UUID) -> str:
 
     A report applied on its own (`reports.step_report`'s one statement) settles
     its workflow here, in a transaction of its own right after; the decision is
-    taken again under the workflow's lock, so a change that committed in between
-    (another report, a rework) is taken into account, and settling twice is
-    harmless. Returns the workflow's status.
+    taken again under the workflow's lock, from its row with every committed delta
+    folded in, so a change that committed in between (another report, a rework)
+    is taken into account, and settling twice is harmless. Returns the workflow's
+    status.
     """
-    workflow = lock_order.lock_workflow(workflow_id)
-    snapshot = WorkflowSnapshot.of(workflow)
+    snapshot = workflow_move(workflow_id, {})  # locks the row, folds its deltas in, reads it
     status, pause_reason = workflow_after(snapshot)
     if status == snapshot.status:
         return status

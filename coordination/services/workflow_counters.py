@@ -45,7 +45,8 @@ folded_rows AS (
     SELECT locked.id AS workflow_id, {delta_sums}
     FROM locked LEFT JOIN folded_rows f ON f.workflow_id = locked.id GROUP BY locked.id
 )""".format(delta_columns=", ".join(f"d.{field}" for field in LIVE_FIELDS),
-            delta_sums=", ".join(f"coalesce(sum(f.{field}), 0) AS {field}" for field in LIVE_FIELDS))
+            delta_sums=", ".join(f"coalesce(sum(f.{field}), 0){'::bigint' if field == 'spent_tokens' else ''} AS {field}"
+                                 for field in LIVE_FIELDS))
 
 # Plain SQL: lock the row, fold its deltas in, apply a change's moves and spend, and read the live row back, in one
 # statement (the ORM needs several round trips). Every counter is a parameter (0 when it does not move).

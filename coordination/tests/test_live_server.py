@@ -122,7 +122,7 @@ class ConcurrentBatchPullTests:
         assert counts == Counter({"completed": 300})
         assert (workflow.n_completed, workflow.n_ready, workflow.n_in_progress, workflow.n_pending) == (300, 0, 0, 0)
         # Folded into the row, the deltas the run left give the same figures.
-        workflow_counters.workflow_fold([workflow.id])
+        assert workflow_counters.workflow_fold([workflow.id]) == 1
         assert not WorkflowDelta.objects.filter(workflow=workflow).exists()
         assert Workflow.objects.filter(id=workflow.id).values_list(
             "n_completed", "n_ready", "n_in_progress", "n_pending").get() == (300, 0, 0, 0)

@@ -44,6 +44,8 @@ class BrowserTests:
             assert report.status_code == 200
             page.wait_for_selector(f"#step-{a_id}[data-status=completed]", timeout=5000)
             page.wait_for_selector(f"#step-{h_id}[data-status=ready]", timeout=5000)
+            # The report's last event is on the page: no redraw of the steps is still on its way to wipe the form.
+            page.wait_for_selector("#timeline li.kind-stepsreleased", timeout=5000)
             assert page.evaluate("window.__noReload") == "still here", "updated in place, without a reload"
 
             page.fill(f"#step-{h_id} input[name=comment]", "Ship it")

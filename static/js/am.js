@@ -19,6 +19,14 @@
     }
     opened = true;
   });
+  // A catch-up may bring again events the page was sent live: keep the first of each.
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    var seen = {};
+    document.querySelectorAll("li[data-event]").forEach(function (li) {
+      var key = li.parentNode.id + ":" + li.dataset.event;
+      if (seen[key]) { li.remove(); } else { seen[key] = true; }
+    });
+  });
   document.addEventListener("htmx:wsClose", function () { banner(true); document.body.dataset.live = "closed"; });
   document.addEventListener("htmx:wsError", function () { banner(true); });
 })();
