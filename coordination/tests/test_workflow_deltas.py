@@ -201,3 +201,35 @@ class EventOrderTests:
                     cursor.execute("SELECT set_config('coordination.event_n', '1048575', true)")
                 event_log.event_record(kind="one too many", workflow_id=workflow.id)
         assert not Event.objects.filter(kind="one too many").exists()
+
+
+@pytest.mark.django_db
+class SettleAfterReportTests:
+    """Reports of a workflow's last steps, applied at once, may each see the others still open; each of them
+    (nothing else ready for an agent) settles after its commit, where every committed change is counted."""
+
+    def _settles(self, monkeypatch) -> list:
+        from coordination.services import workflow_control
+
+        calls: list = []
+        original = workflow_control.workflow_settle
+        monkeypatch.setattr(workflow_control, "workflow_settle",
+                            lambda **kwargs: calls.append(kwargs["workflow_id"]) or original(**kwargs))
+        return calls
+
+    def test_a_report_with_only_a_persons_decision_left_settles_after_its_commit(
+            self, developer, step, workflow_spec, monkeypatch):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("H", role="human")))
+        settles = self._settles(monkeypatch)
+        step_id, token = pull(developer)
+        assert report(developer, step_id, token).json()["workflow_status"] == "running"
+        # H may be being approved at this very moment, its statement blind to this report: this one settles.
+        assert settles == [workflow.id]
+
+    def test_a_report_with_other_steps_ready_leaves_settling_to_their_reports(
+            self, developer, step, workflow_spec, monkeypatch):
+        workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        settles = self._settles(monkeypatch)
+        step_id, token = pull(developer)
+        assert report(developer, step_id, token).json()["workflow_status"] == "running"
+        assert settles == []  # B is still to be pulled; its report comes later
