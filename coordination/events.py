@@ -134,7 +134,9 @@ class _Publisher:
                     message["event"].set()
                     continue
                 try:
-                    await asyncio.wait_for(layer.group_send(group, message), timeout=2.0)
+                    # A timeout scope, not `wait_for`: no task is made for each send.
+                    async with asyncio.timeout(2.0):
+                        await layer.group_send(group, message)
                 except Exception as exc:  # noqa: BLE001 - a broken broadcast must not stop the publisher
                     if not self._failing:
                         # Once per outage, not once per event: the log would drown.
