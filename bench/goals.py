@@ -80,18 +80,22 @@ def cycles(url: str, tokens: list[str], seconds: float, role, *, batch: int = 0)
     return sum(done) / elapsed
 
 
-# Each sample: whether a backend of the bench database waits on a lock, whether one waits on a workflow row (it
+# Each sample: whether a backend of the bench database waits on a lock; whether one waits on a workflow row (it
 # holds or waits for a tuple lock of coordination_workflow while waiting: the first waiter on a row holds the
-# row's tuple lock and waits for its holder's transaction, the next ones wait for the tuple lock), and what the
-# waiters wait for (`transactionid` behind a row lock, `tuple`, `extend` for a table growing, ...).
+# row's tuple lock and waits for its holder's transaction, the next ones wait for the tuple lock; PostgreSQL
+# skips the tuple lock only when a transaction upgrades a row lock it already shares, or follows an update
+# chain); what the waiters wait for (`transactionid` behind a row or an insert, `tuple`, `extend`, ...); and the
+# statements that wait, so that a wait the tuple-lock test misses still shows.
 _LOCK_WAITS_SQL = """
 WITH waiting AS (
-    SELECT pid, wait_event FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+    SELECT pid, wait_event, left(regexp_replace(query, '\\s+', ' ', 'g'), 70) AS query
+    FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
 )
 SELECT (SELECT count(*) FROM waiting),
        (SELECT count(*) FROM pg_locks l JOIN waiting w ON w.pid = l.pid
         WHERE l.locktype = 'tuple' AND l.relation = 'coordination_workflow'::regclass),
-       (SELECT coalesce(array_agg(DISTINCT wait_event), '{}') FROM waiting)
+       (SELECT coalesce(array_agg(DISTINCT wait_event), '{}') FROM waiting),
+       (SELECT coalesce(array_agg(DISTINCT query), '{}') FROM waiting)
 """
 
 
@@ -99,24 +103,25 @@ def lock_waits_during(work) -> tuple[object, dict]:
     """Run `work()`, sampling every 5 ms which backends of the bench database wait on a lock (`_LOCK_WAITS_SQL`).
 
     Returns (work's result, {"samples", "any": samples with a waiter, "workflow_row": samples with a waiter on a
-    workflow row, "events": {wait event: samples}})."""
+    workflow row, "events": {wait event: samples}, "statements": {waiting statement's start: samples}})."""
     import psycopg
     from django.db import connection
 
     settings = connection.settings_dict
     stop = threading.Event()
-    seen = {"samples": 0, "any": 0, "workflow_row": 0, "events": {}}
+    seen = {"samples": 0, "any": 0, "workflow_row": 0, "events": {}, "statements": {}}
 
     def sampler() -> None:
         with psycopg.connect(dbname=settings["NAME"], host=settings["HOST"], port=settings["PORT"],
                              user=settings["USER"], password=settings["PASSWORD"] or None, autocommit=True) as conn:
             while not stop.is_set():
-                waiting, on_workflow, events = conn.execute(_LOCK_WAITS_SQL).fetchone()
+                waiting, on_workflow, events, statements = conn.execute(_LOCK_WAITS_SQL).fetchone()
                 seen["samples"] += 1
                 seen["any"] += bool(waiting)
                 seen["workflow_row"] += bool(on_workflow)
-                for event in events:
-                    seen["events"][event] = seen["events"].get(event, 0) + 1
+                for key, found in (("events", events), ("statements", statements)):
+                    for item in found:
+                        seen[key][item] = seen[key].get(item, 0) + 1
                 time.sleep(0.005)
 
     thread = threading.Thread(target=sampler)
@@ -284,9 +289,10 @@ def main() -> None:
                                           ("one_workflow_32", ones, "one", "one workflow")):
             rate, waits = lock_waits_during(lambda: cycles(base, agents_, s, role))
             results[key] = {"rate": rate, "samples": waits["samples"], "lock_wait_samples": waits["any"],
-                            "workflow_row_wait_samples": waits["workflow_row"], "wait_events": waits["events"]}
+                            "workflow_row_wait_samples": waits["workflow_row"], "wait_events": waits["events"],
+                            "waiting_statements": waits["statements"]}
             say(f"32 agents on {label}: {rate:.0f}/s; of {waits['samples']} samples, {waits['any']} with a lock "
-                f"wait ({waits['events']}), {waits['workflow_row']} on a workflow row")
+                f"wait ({waits['events']}; {waits['statements']}), {waits['workflow_row']} on a workflow row")
         for count in (1, 32):
             latencies = dispatch_latency(base, driver, waiters[:count], args.samples)
             results[f"latency_{count}"] = {"p50_ms": round(percentile(latencies, 50) * 1000, 1),

@@ -42,8 +42,9 @@ def fetch_named(cursor) -> dict[str, Any] | None:
 
 def fetch_all_named(cursor) -> list[dict[str, Any]]:
     """Every remaining row of `cursor` as {column name: value}."""
+    found = cursor.fetchall()  # first: in a pipeline it waits for this cursor's own result
     names = column_names(cursor)
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    return [dict(zip(names, row)) for row in found]
 
 
 def from_named(model: type[models.Model], values: Mapping[str, Any], prefix: str) -> models.Model | None:

@@ -60,7 +60,8 @@ PATH_PARAMETERS = {
 def documented(field, **schema):
     """`field`, with `schema` merged into what drf-spectacular makes of it (the server's checks are unchanged)."""
     field.schema_extra = schema
-    # A serializer deep-copies its declared fields (re-instantiating them): the copy keeps the schema too.
+    # DRF's serializers deep-copy their declared fields (re-instantiating them): the copy keeps the schema too.
+    # (Request serializers copy them shallowly, `serializers._field_copy`, which keeps the attribute as it is.)
     copy_field = field.__deepcopy__
     field.__deepcopy__ = lambda memo: documented(copy_field(memo), **schema)
     return field

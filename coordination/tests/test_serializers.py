@@ -19,6 +19,12 @@ class StrictSerializerFieldTests:
         assert first.fields["status"] is not second.fields["status"]
         assert first.fields["status"].parent is first and second.fields["status"].parent is second
         assert first.fields["usage"] is not second.fields["usage"]
+        assert first.fields["usage"].fields["model"] is not second.fields["usage"].fields["model"]
+        assert first.fields["usage"].fields["model"].root is first
+        # A list's child too: each copy has its own, bound to it.
+        assert first.fields["iterations"].child is not second.fields["iterations"].child
+        assert first.fields["iterations"].child.parent is first.fields["iterations"]
+        assert first.fields["iterations"].child.root is first
         assert ReportInSerializer._declared_fields["status"].parent is None  # the declared ones stay unbound
 
     def test_instances_validating_at_once_keep_their_own_data_and_errors(self):
