@@ -32,6 +32,12 @@ def _live(workflow_id) -> tuple:
     return tuple(getattr(workflow, field) for field in ROW)
 
 
+def _other_connection() -> psycopg.Connection:
+    """A second connection to the test database, for a transaction that runs beside the test's."""
+    params = connection.get_connection_params()
+    return psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"})
+
+
 def _steps(workflow_id) -> Counter:
     return Counter(Step.objects.filter(workflow_id=workflow_id).values_list("status", flat=True))
 
@@ -126,8 +132,7 @@ class NoWaitOnTheWorkflowRowTests:
         """What the hot paths write only references the workflow row (a KEY SHARE lock for the foreign key),
         which a change holding the row (`FOR NO KEY UPDATE`, as every service locks it) leaves free."""
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B"), step("C")))
-        params = connection.get_connection_params()
-        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as holder:
+        with _other_connection() as holder:
             holder.execute("SELECT id FROM coordination_workflow WHERE id = %s FOR NO KEY UPDATE", [workflow.id])
             with connection.cursor() as cursor:
                 cursor.execute("SET lock_timeout = '2s'")  # a wait would fail the test, not hang it
@@ -145,8 +150,7 @@ class NoWaitOnTheWorkflowRowTests:
     def test_a_fold_skips_a_row_another_transaction_holds(self, developer, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         pull(developer)
-        params = connection.get_connection_params()
-        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as holder:
+        with _other_connection() as holder:
             holder.execute("SELECT id FROM coordination_workflow WHERE id = %s FOR NO KEY UPDATE", [workflow.id])
             assert workflow_counters.workflow_fold([workflow.id]) == 0  # did not wait
             holder.rollback()
@@ -159,8 +163,7 @@ class EventOrderTests:
     def test_an_event_of_a_running_transaction_is_held_back_and_then_read_in_order(self, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         [created] = selectors.workflow_events(workflow=workflow)[0]
-        params = connection.get_connection_params()
-        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as slow:
+        with _other_connection() as slow:
             # A transaction that started writing first, and commits last.
             slow.execute("INSERT INTO coordination_event (workflow_id, kind, data, at) "
                          "VALUES (%s, 'slow', '{}', now())", [workflow.id])
@@ -176,8 +179,7 @@ class EventOrderTests:
 
     def test_a_transaction_reads_its_own_events_even_behind_an_older_one(self, step, workflow_spec):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A")))
-        params = connection.get_connection_params()
-        with psycopg.connect(**{k: v for k, v in params.items() if k != "cursor_factory"}) as older:
+        with _other_connection() as older:
             older.execute("INSERT INTO coordination_event (workflow_id, kind, data, at) "
                           "VALUES (%s, 'older', '{}', now())", [workflow.id])
             with transaction.atomic():
