@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) bench/goals.py
+	@$(PY) bench/cpu_split.py
 	@$(PY) bench/dispatch.py
 	@$(PY) bench/scaling.py
 	@$(PY) bench/history.py
