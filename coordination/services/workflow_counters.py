@@ -186,18 +186,20 @@ def workflow_fold(workflow_ids: list[UUID]) -> int:
         return len(cursor.fetchall())
 
 
-def workflows_fold_sweep(*, limit: int = 1000) -> int:
-    """Fold the deltas of every workflow that has some (Celery beat, with the lease sweep), `limit` workflows a
-    statement. Returns how many workflows it folded."""
+def workflows_fold_sweep(*, limit: int = 1000, rounds: int = 10) -> int:
+    """Fold the deltas of the workflows that have some (Celery beat, with the lease sweep), `limit` workflows a
+    statement, at most `rounds` statements: under a steady load new deltas keep coming, and the next sweep
+    goes on where this one stopped (oldest deltas first). Returns how many workflows it folded."""
     folded = 0
-    while True:
+    for _ in range(rounds):
         with connection.cursor() as cursor:
             cursor.execute(WORKFLOWS_WITH_DELTAS_SQL, {"limit": limit})
             ids = [row[0] for row in cursor.fetchall()]
         done = workflow_fold(ids)
         folded += done
         if len(ids) < limit or not done:
-            return folded
+            break
+    return folded
 
 
 def new_event(kind: str, *, workflow_id: UUID, step: Step | None = None,
