@@ -42,6 +42,25 @@ def _in_thread(target) -> tuple[threading.Thread, list]:
     thread.start()
     return thread, errors
 
+def _grant_held_until_someone_waits(*, agent, project_name, paths, step_id=None, lease_token=None):
+    """In a thread: grant write locks on `paths` in a transaction and keep it open until another backend waits
+    on a lock (the test's own request, queued behind it); returns once the grant is made."""
+    granted = threading.Event()
+
+    def grant() -> None:
+        with transaction.atomic():
+            attempt = file_locks._locks_try(agent=agent, project_name=project_name, paths=paths, mode="write",
+                                            step_id=step_id, lease_token=lease_token, ttl_s=60, waiter_id=None)
+            assert attempt.granted
+            granted.set()
+            with connection.cursor() as cursor:
+                _wait_until_a_backend_waits_on_a_lock(cursor)
+
+    thread, errors = _in_thread(grant)
+    assert granted.wait(10), errors
+    return thread, errors
+
+
 
 class OneStatementPullTests:
     def test_a_pull_is_one_statement_and_a_batch_numbers_each_workflows_events(self, developer, step,
@@ -117,20 +136,8 @@ class OneStatementLockTests:
 
     def test_a_grant_that_commits_meanwhile_is_seen_before_granting(self, developer, other_developer):
         file_locks.locks_acquire(agent=developer.agent, paths=["warm.md"], mode="write")
-        granted = threading.Event()
-
-        def grant_src_to_the_other_agent() -> None:
-            with transaction.atomic():
-                attempt = file_locks._locks_try(agent=other_developer.agent, project_name="default",
-                                                paths=["src/"], mode="write", step_id=None, lease_token=None,
-                                                ttl_s=60, waiter_id=None)
-                assert attempt.granted
-                granted.set()
-                with connection.cursor() as cursor:
-                    _wait_until_a_backend_waits_on_a_lock(cursor)
-
-        thread, errors = _in_thread(grant_src_to_the_other_agent)
-        assert granted.wait(10)
+        thread, errors = _grant_held_until_someone_waits(agent=other_developer.agent, project_name="default",
+                                                         paths=["src/"])
         # This request waits for the project's lock while the other grant commits, and must then see that
         # `src/` is held.
         with pytest.raises(LockConflict):
@@ -149,20 +156,8 @@ class OneStatementReportRaceTests:
 
         workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B", "A")))
         step_id, token = api_pull(developer)
-        granted = threading.Event()
-
-        def lock_under_the_step() -> None:
-            with transaction.atomic():
-                attempt = file_locks._locks_try(agent=developer.agent, project_name=None, paths=["src/a.py"],
-                                                mode="write", step_id=step_id, lease_token=token, ttl_s=60,
-                                                waiter_id=None)
-                assert attempt.granted
-                granted.set()
-                with connection.cursor() as cursor:
-                    _wait_until_a_backend_waits_on_a_lock(cursor)
-
-        thread, errors = _in_thread(lock_under_the_step)
-        assert granted.wait(10)
+        thread, errors = _grant_held_until_someone_waits(agent=developer.agent, project_name=None,
+                                                         paths=["src/a.py"], step_id=step_id, lease_token=token)
         # The report waits for the step's row while the lock commits; it must see the lock and release it.
         answer = reports.step_report(step_id=step_id, agent=developer.agent, lease_token=token,
                                      outcome=reports.Outcome(status="completed"))
