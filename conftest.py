@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,15 +187,19 @@ def live_am(django_db_setup, django_db_blocker):
         "REDIS_URL": settings.REDIS_URL,
         "AM_LOG_LEVEL": "WARNING",
     }
+    # The server's log goes to a file (a pipe nobody reads would block the server once full), kept for
+    # diagnosing a failed live test: its path is printed on failure to start, and it is left in the temp dir.
+    log_path = os.path.join(tempfile.gettempdir(), f"am-live-server-{port}.log")
+    log = open(log_path, "w")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "am_project.asgi:application"],
-        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"daphne exited: {process.stderr.read()}")
+            raise RuntimeError(f"daphne exited; its log: {log_path}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 break
@@ -210,6 +215,7 @@ def live_am(django_db_setup, django_db_blocker):
         process.wait(timeout=15)
     except subprocess.TimeoutExpired:
         process.kill()
+    log.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import OperationalError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from agents.llm.base import Usage  # one definition for workers and server
@@ -335,6 +335,10 @@ def _settle_after_commit(workflow_id: UUID, step_id: UUID) -> None:
     except (ServiceError, OperationalError):
         logger.warning("Workflow %s was not settled after step %s's completion; the sweep will settle it.",
                        workflow_id, step_id, exc_info=True)
+    except DatabaseError:
+        # Not a busy or absent database: a refusal that says something is wrong. The completion is committed
+        # and is answered as such; the sweep tries the settling again.
+        logger.exception("Settling workflow %s after step %s's completion was refused.", workflow_id, step_id)
 
 
 def _complete(*, step_id: UUID, from_status: str, outcome: Outcome, agent_id: UUID | None, actor: dict[str, Any],
