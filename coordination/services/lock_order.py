@@ -244,15 +244,16 @@ def run_after_lock(lock_sql: str, lock_params: dict[str, Any], sql: str, params:
     everything committed before them. The locks are held only while PostgreSQL runs the two, never while
     this process waits for its turn to run Python. Returns the rows of `sql`.
 
-    In a caller's transaction the two run one after the other in it.
+    In a caller's transaction the two are sent together in it.
     """
-    if connection.in_atomic_block:
-        with connection.cursor() as cursor:
-            cursor.execute(lock_sql, lock_params)
-            cursor.execute(sql, params)
-            return rows.fetch_all_named(cursor)
     connection.ensure_connection()
     raw = connection.connection
+    if connection.in_atomic_block:
+        with connection.cursor() as locked, connection.cursor() as decided:
+            with connection.wrap_database_errors, raw.pipeline():
+                locked.execute(lock_sql, lock_params)
+                decided.execute(sql, params)
+            return rows.fetch_all_named(decided)
     with connection.cursor() as locked, connection.cursor() as decided:
         try:
             # BEGIN and COMMIT are queued with the statements: psycopg's own transaction block would wait for

@@ -23,14 +23,14 @@ from typing import Any
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from coordination import rows, tracing
 from coordination.errors import NotFound
 from coordination.models import (LIVE_FIELDS, STEP_COUNTER_FIELDS, Agent, AuditStatus, Event, Step, StepStatus,
                                  Workflow, WorkflowStatus)
-from coordination.services import background, event_log
+from coordination.services import background, event_log, lock_order
 
 COUNTER_COLUMNS = list(STEP_COUNTER_FIELDS.values())
 
@@ -48,8 +48,21 @@ folded_rows AS (
             delta_sums=", ".join(f"coalesce(sum(f.{field}), 0){'::bigint' if field == 'spent_tokens' else ''} AS {field}"
                                  for field in LIVE_FIELDS))
 
-# Plain SQL: lock the row, fold its deltas in, apply a change's moves and spend, and read the live row back, in one
-# statement (the ORM needs several round trips). Every counter is a parameter (0 when it does not move).
+# Plain SQL: the workflow row's lock, taken by a statement of its own, sent together with the statement that moves
+# the row (`lock_order.run_after_lock`). An UPDATE checks the row's constraints on the new version it computes from
+# the version its snapshot saw, before it finds that row locked or changed by another transaction and waits (only
+# then does it apply its SET again to the newest version). Computed from a version that a concurrent move or fold
+# has since changed, a move could trip `workflow_counters_non_negative` although the row it would write satisfies
+# it: a step taken back (in_progress -1) whose lease the snapshot's version did not count yet. A statement that
+# starts with the lock held reads the row as it is (READ COMMITTED: a snapshot per statement).
+LOCK_WORKFLOW_SQL = "SELECT id FROM coordination_workflow WHERE id = %(workflow)s FOR NO KEY UPDATE"
+LOCK_FREE_WORKFLOWS_SQL = """
+SELECT id FROM coordination_workflow WHERE id = ANY(%(workflows)s::uuid[]) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED
+"""
+
+# Plain SQL: fold the row's deltas in, apply a change's moves and spend, and read the live row back, in one
+# statement (the ORM needs several round trips), run with the row locked (`LOCK_WORKFLOW_SQL`). Every counter is
+# a parameter (0 when it does not move).
 WORKFLOW_MOVE_SQL = f"""
 WITH locked AS (
     SELECT id FROM coordination_workflow WHERE id = %(workflow)s FOR NO KEY UPDATE
@@ -64,7 +77,8 @@ RETURNING w.status, w.total_steps, w.spent_usd, w.spent_tokens, w.budget_usd, w.
           {", ".join(f"w.{column}" for column in COUNTER_COLUMNS)}
 """
 
-# Plain SQL: fold the deltas of those of the workflows that nobody holds (`SKIP LOCKED`: a fold never waits).
+# Plain SQL: fold the deltas of workflows whose rows `LOCK_FREE_WORKFLOWS_SQL` has locked (skipping those another
+# transaction holds: a fold never waits).
 WORKFLOW_FOLD_SQL = f"""
 WITH locked AS (
     SELECT id FROM coordination_workflow WHERE id = ANY(%(workflows)s::uuid[]) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED
@@ -168,12 +182,10 @@ def workflow_move(
     for status, delta in moves.items():
         params[STEP_COUNTER_FIELDS[status]] += delta
     params.update(spent_usd=spent_usd, spent_tokens=spent_tokens, workflow=workflow_id)
-    with connection.cursor() as cursor:
-        cursor.execute(WORKFLOW_MOVE_SQL, params)
-        row = rows.fetch_named(cursor)
-    if row is None:
+    found = lock_order.run_after_lock(LOCK_WORKFLOW_SQL, {"workflow": workflow_id}, WORKFLOW_MOVE_SQL, params)
+    if not found:
         raise NotFound(f"Workflow {workflow_id} does not exist.")
-    return WorkflowSnapshot.from_row(workflow_id, row)
+    return WorkflowSnapshot.from_row(workflow_id, found[0])
 
 
 def workflow_fold(workflow_ids: list[UUID]) -> int:
@@ -181,8 +193,14 @@ def workflow_fold(workflow_ids: list[UUID]) -> int:
     never waits). Returns how many rows it folded. Reads stay exact either way; folding keeps them cheap."""
     if not workflow_ids:
         return 0
-    with connection.cursor() as cursor:
-        cursor.execute(WORKFLOW_FOLD_SQL, {"workflows": list(workflow_ids)})
+    # Two round trips: the fold runs on the rows the first statement locked, and only on those (a row freed in
+    # between would be locked by the fold's own statement, in a snapshot taken before: `LOCK_WORKFLOW_SQL`).
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        cursor.execute(LOCK_FREE_WORKFLOWS_SQL, {"workflows": list(workflow_ids)})
+        held = [row[0] for row in cursor.fetchall()]
+        if not held:
+            return 0
+        cursor.execute(WORKFLOW_FOLD_SQL, {"workflows": held})
         return len(cursor.fetchall())
 
 

@@ -8,6 +8,8 @@ so a reader that goes on from the last `seq` it saw misses nothing.
 """
 
 import re
+import threading
+import time
 from collections import Counter
 
 import psycopg
@@ -15,7 +17,7 @@ import pytest
 from django.db import DataError, OperationalError, connection, transaction
 
 from coordination import models, selectors
-from coordination.models import LIVE_FIELDS, Event, Step, Workflow, WorkflowDelta
+from coordination.models import LIVE_FIELDS, Event, Step, StepStatus, Workflow, WorkflowDelta
 from coordination.services import event_log, workflow_counters, workflow_creation
 from coordination.tests.agent_calls import pull, report
 
@@ -159,6 +161,49 @@ class NoWaitOnTheWorkflowRowTests:
             holder.rollback()
         assert WorkflowDelta.objects.filter(workflow=workflow).count() == 1
         assert workflow_counters.workflow_fold([workflow.id]) == 1
+
+    def test_a_move_that_waited_for_the_row_counts_from_the_row_it_waited_for(self, developer, step, workflow_spec):
+        """A step taken back (in_progress -1) while another transaction folds the pull that leased it. Moved by
+        a statement that waited for the row in a snapshot taken before the fold committed, PostgreSQL checked
+        the counters on the row as that snapshot saw it (in_progress 0 - 1) and refused the change."""
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(step("A"), step("B")))
+        pull(developer)  # a delta: ready -1, in_progress +1; the row still says ready 2, in_progress 0
+        outcome: dict = {}
+
+        def take_back() -> None:
+            try:
+                with transaction.atomic():
+                    outcome["snapshot"] = workflow_counters.workflow_move(
+                        workflow.id, {StepStatus.IN_PROGRESS: -1, StepStatus.FAILED: 1})
+            except Exception as exc:  # noqa: BLE001 - reported below
+                outcome["error"] = exc
+            finally:
+                connection.close()
+
+        with _other_connection() as folder:
+            folder.execute("SELECT id FROM coordination_workflow WHERE id = %s FOR NO KEY UPDATE", [workflow.id])
+            folder.execute(workflow_counters.WORKFLOW_FOLD_SQL, {"workflows": [workflow.id]})
+            mover = threading.Thread(target=take_back)
+            mover.start()
+            _wait_for_a_lock_wait()
+            folder.commit()
+        mover.join(10)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["snapshot"].counts["in_progress"] == 0 and outcome["snapshot"].counts["ready"] == 1
+        assert _live(workflow.id)[:4] == (0, 1, 0, 0) and not WorkflowDelta.objects.filter(workflow=workflow).exists()
+
+
+def _wait_for_a_lock_wait() -> None:
+    """Until another backend of this database waits for a lock (10 s at most)."""
+    with _other_connection() as watcher:
+        watcher.autocommit = True
+        for _ in range(200):
+            waiting = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'").fetchone()[0]
+            if waiting:
+                return
+            time.sleep(0.05)
+    raise AssertionError("nobody waited for a lock")
 
 
 @pytest.mark.django_db(transaction=True)
