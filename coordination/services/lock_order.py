@@ -16,9 +16,10 @@ Every transaction that waits for more than one lock takes them in this order:
    sweep takes expired ones by id, skipping those in use);
 5. the project row (its workspace version);
 6. workflow rows, by ascending id, `FOR NO KEY UPDATE` (the status, and the
-   counters when a change moves them on the row), then their `WorkflowDelta` rows,
-   which only the statement that folds them into their workflow row locks (to
-   delete them);
+   counters when a change moves them on the row, always by a statement of its
+   own before the one that moves them: `workflow_counters.LOCK_WORKFLOW_SQL`),
+   then their `WorkflowDelta` rows, which only the statement that folds them into
+   their workflow row locks (to delete them);
 7. the reporting agent's usage row (`AgentUsage`: its kept totals), by the
    statement that stores a result, after everything else it changes.
 
@@ -43,7 +44,10 @@ takes their first locks and the statement that decides, sent together in one
 transaction (`run_after_lock`), so that the decision reads everything committed
 before those locks. Within a statement the locks are taken in the same order: a
 locking CTE is read whole (`count(*)`), since a CTE runs only as far as its
-reader reads. The one-statement pull reads in a snapshot taken before it waited
+reader reads. A statement that waits for a row it then updates checks the new
+row against the table's constraints as computed from the version its snapshot
+saw, before it waits: a relative update that a stale version would take below
+a constraint (the workflow counters) runs after a statement that took the lock. The one-statement pull reads in a snapshot taken before it waited
 for the agent's row, so it compares the `pull_seq` it bumped under that lock
 with the value its snapshot saw; when another pull of the agent committed in
 between it changes nothing, and the decision is taken again in a transaction
