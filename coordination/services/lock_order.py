@@ -46,12 +46,13 @@ before those locks. Within a statement the locks are taken in the same order: a
 locking CTE is read whole (`count(*)`), since a CTE runs only as far as its
 reader reads. A statement that waits for a row it then updates checks the new
 row against the table's constraints as computed from the version its snapshot
-saw, before it waits: a relative update that a stale version would take below
-a constraint (the workflow counters) runs after a statement that took the lock. The one-statement pull reads in a snapshot taken before it waited
-for the agent's row, so it compares the `pull_seq` it bumped under that lock
-with the value its snapshot saw; when another pull of the agent committed in
-between it changes nothing, and the decision is taken again in a transaction
-that reads after the lock.
+saw, before it waits: a relative update that a stale version would take below a
+constraint (the workflow counters) runs after a statement that took the lock.
+The one-statement pull reads in a snapshot taken before it waited for the
+agent's row, so it compares the `pull_seq` it bumped under that lock with the
+value its snapshot saw; when another pull of the agent committed in between it
+changes nothing, and the decision is taken again in a transaction that reads
+after the lock.
 
 What PostgreSQL still refuses (a deadlock, a serialization failure, a lock wait
 timeout) is retried by `retrying` in a new transaction, a bounded number of
