@@ -55,6 +55,16 @@ class Unreachable(Exception):
     """The server could not be reached (or kept failing) within the retry budget."""
 
 
+class Unchanged:
+    """`Client.file_bytes`'s answer when the file is still the content the caller holds."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = Unchanged()
+
+
 @dataclass
 class Pulled:
     step: dict[str, Any]
@@ -196,14 +206,18 @@ class Client:
         """The workspace's tree now: `{"version": N, "files": [{"path", "sha256", "size", ...}]}`."""
         return self.request("GET", f"/v1/projects/{project}/files", retry_for=30).json()
 
-    def file_bytes(self, project: str, path: str) -> bytes | None:
-        """A file's bytes now, or None when there is no such file (any more)."""
+    def file_bytes(self, project: str, path: str, *, unless_sha256: str | None = None) -> bytes | None | Unchanged:
+        """A file's bytes now, or None when there is no such file (any more). With `unless_sha256`, the
+        content the caller holds: `UNCHANGED` when the file is still that (the server answers 304, no body)."""
+        headers = {"If-None-Match": f'"{unless_sha256}"'} if unless_sha256 else None
         try:
-            return self.request("GET", f"/v1/projects/{project}/files/{quote(path)}", retry_for=30).content
+            response = self.request("GET", f"/v1/projects/{project}/files/{quote(path)}", headers=headers,
+                                    retry_for=30)
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
+        return UNCHANGED if response.status_code == 304 else response.content
 
     def put_file(self, project: str, path: str, content: bytes, *, fencing: int) -> dict[str, Any]:
         return self.request("PUT", f"/v1/projects/{project}/files/{quote(path)}", content=content,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.client import ApiError, Client, Unreachable
+from agents.client import UNCHANGED, ApiError, Client, Unreachable
 
 try:
     import fcntl
@@ -141,6 +141,19 @@ class Mirror:
         stat = (self.root / path).stat()
         return {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
+    def _synced_entry(self, state: dict[str, dict[str, Any]], path: str) -> dict[str, Any] | None:
+        """The state's entry of `path` while the mirror's file is still as last synced (same size and mtime)."""
+        known = state.get(path)
+        if not known:
+            return None
+        try:
+            stat = (self.root / path).stat()
+        except OSError:
+            return None
+        if stat.st_size != known.get("size") or stat.st_mtime_ns != known.get("mtime_ns"):
+            return None
+        return known
+
     # --- reading the mirror -----------------------------------------------------------
 
     def _local_paths(self) -> Iterator[str]:
@@ -157,13 +170,8 @@ class Mirror:
         since the last sync is taken as unchanged content."""
         hashes = {}
         for path in self._local_paths():
-            known = state.get(path)
-            if trust_stat and known:
-                stat = (self.root / path).stat()
-                if stat.st_size == known.get("size") and stat.st_mtime_ns == known.get("mtime_ns"):
-                    hashes[path] = known["sha256"]
-                    continue
-            hashes[path] = _sha256_file(self.root / path)
+            known = self._synced_entry(state, path) if trust_stat else None
+            hashes[path] = known["sha256"] if known else _sha256_file(self.root / path)
         return hashes
 
     # --- keeping it in step ---------------------------------------------------------
@@ -212,7 +220,12 @@ class Mirror:
     def _refresh(self, paths: list[str]) -> None:
         state = self._load_state()
         for path in paths:
-            content = self.client.file_bytes(self.project, path)
+            # A file the mirror holds as last synced is asked for with its sha256: no body comes back unless the
+            # server's differs. One edited here since (its size or mtime moved) is fetched whole and replaced.
+            known = self._synced_entry(state, path)
+            content = self.client.file_bytes(self.project, path, unless_sha256=known["sha256"] if known else None)
+            if content is UNCHANGED:
+                continue
             if content is None:
                 self._remove(path)
                 state.pop(path, None)

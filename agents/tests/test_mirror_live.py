@@ -44,10 +44,13 @@ class CountingClient(Client):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.requests = []
+        self.answers: list[tuple[int, int]] = []  # (status, body bytes)
 
     def request(self, method, path, **kwargs):
         self.requests.append(f"{method} {path}")
-        return super().request(method, path, **kwargs)
+        response = super().request(method, path, **kwargs)
+        self.answers.append((response.status_code, len(response.content)))
+        return response
 
 
 @pytest.fixture
@@ -98,6 +101,35 @@ class MirrorSyncTests:
         assert client.requests == ["GET /v1/projects/syncing/files", "GET /v1/projects/syncing/files/a.txt"]
         assert _mirror_tree(mirror.root) == _server_tree(client, "syncing")
         assert not (mirror.root / "b").exists(), "a directory emptied by deletions goes too"
+        client.close()
+
+    def test_a_re_read_of_a_file_as_synced_brings_no_body_unless_the_server_changed_it(self, live_am, tmp_path,
+                                                                                      intruder):
+        projects.project_create(name="rereads")
+        lock = _another_agent_writes(intruder.agent, "rereads", "a.txt", b"a" * 4000)
+        client = CountingClient(live_am, intruder.token)
+        mirror = Mirror(tmp_path, "rereads", client)
+        mirror.sync()
+        client.answers.clear()
+        mirror.refresh(["a.txt"])
+        assert client.answers == [(304, 0)], "the mirror's copy is the server's: asked by its sha256, no body"
+        assert (mirror.root / "a.txt").read_bytes() == b"a" * 4000
+        workspace.workspace_write(project_name="rereads", agent=intruder.agent,
+                                  changes=[workspace.Change("a.txt", b"b" * 3000, lock.fencing)])
+        client.answers.clear()
+        mirror.refresh(["a.txt"])
+        assert client.answers == [(200, 3000)] and (mirror.root / "a.txt").read_bytes() == b"b" * 3000
+        client.answers.clear()
+        mirror.refresh(["a.txt"])
+        assert client.answers == [(304, 0)], "the state follows what was fetched"
+        (mirror.root / "a.txt").write_bytes(b"edited here")  # not sent: a re-read gives the server's content
+        client.answers.clear()
+        mirror.refresh(["a.txt"])
+        assert client.answers == [(200, 3000)] and (mirror.root / "a.txt").read_bytes() == b"b" * 3000
+        workspace.workspace_write(project_name="rereads", agent=intruder.agent,
+                                  changes=[workspace.Change("a.txt", None, lock.fencing)])
+        mirror.refresh(["a.txt"])
+        assert not (mirror.root / "a.txt").exists() and _mirror_tree(mirror.root) == _server_tree(client, "rereads")
         client.close()
 
 
