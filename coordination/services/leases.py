@@ -9,12 +9,13 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from coordination import notify, rows, tracing
+from coordination.events import inserted_event_published
 from coordination.errors import Forbidden, StaleLease
-from coordination.models import Agent, Attempt, AttemptOutcome, Step, StepStatus, WorkflowStatus
+from coordination.models import Agent, Attempt, AttemptOutcome, Event, Step, StepStatus, WorkflowStatus
 from coordination.services import event_log, file_locks, lock_order, tokens
 from coordination.services.lock_order import Along
 from coordination.services.workflow_counters import add, new_event, settle_workflow, workflow_move
@@ -28,6 +29,48 @@ SELECT %(attempt)s, u.i, u.t, u.a, u.o, statement_timestamp()
 FROM unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[]) AS u(i, t, a, o)
 ON CONFLICT (attempt_id, "index") DO NOTHING
 RETURNING "index"
+"""
+
+# Plain SQL, the common heartbeat in one statement run on its own: the live lease's holder on a running workflow.
+# The step's UPDATE is the guard (its WHERE, checked again on the row as it is once locked) and takes the step's
+# row lock first (lock order rule 2): everything below is joined to what it returned, so nothing else is locked or
+# written before it, or at all when it did not apply. Then the step's live locks follow the lease (rule 4), the
+# new iterations are stored (a retried heartbeat repeats some) and, when there were any, a `step.progress` event.
+# No row: not the common case (a stale, foreign or cancelled lease, a paused workflow), for the transaction path.
+HEARTBEAT_SQL = """
+WITH step AS (
+    UPDATE coordination_step s
+    SET lease_expires_at = %(now)s::timestamptz + make_interval(secs => s.lease_ttl_s), updated_at = %(now)s
+    FROM coordination_workflow w
+    WHERE s.id = %(step)s AND s.status = 'in_progress' AND s.lease_agent_id = %(agent)s
+      AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s
+      AND w.id = s.workflow_id AND w.status = 'running'
+    RETURNING s.id, s.key, s.workflow_id, s.attempt, s.lease_attempt_id, s.lease_expires_at
+), renewed AS (
+    UPDATE coordination_filelock l SET expires_at = step.lease_expires_at
+    FROM step
+    WHERE l.step_id = step.id AND l.released_at IS NULL AND l.expires_at > %(now)s
+    RETURNING l.id
+), added AS (
+    INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
+    SELECT step.lease_attempt_id, u.i, u.t, u.a, u.o, statement_timestamp()
+    FROM step, unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[])
+         AS u(i, t, a, o)
+    ON CONFLICT (attempt_id, "index") DO NOTHING
+    RETURNING "index"
+), event AS (
+    INSERT INTO coordination_event (workflow_id, kind, step_id, agent_id, data, at)
+    SELECT step.workflow_id, 'step.progress', step.id, %(agent)s,
+           jsonb_build_object('step', step.key, 'attempt', step.attempt,
+                              'iterations', (SELECT jsonb_agg("index" ORDER BY "index") FROM added)),
+           %(now)s
+    FROM step
+    WHERE EXISTS (SELECT 1 FROM added)
+    RETURNING id, seq, workflow_id, data
+)
+SELECT step.lease_expires_at, (SELECT count(*) FROM renewed) AS renewed,
+       e.id AS event_id, e.seq AS event_seq, e.workflow_id AS event_workflow_id, e.data AS event_data
+FROM step LEFT JOIN event e ON true
 """
 
 # Plain SQL: a recursive walk down the graph in the same UPDATE that skips what it finds.
@@ -137,13 +180,48 @@ def requeue_or_fail(
     return StepStatus.FAILED, skipped, timedelta(0)
 
 
-@lock_order.retrying
 def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
                    iterations: list[IterationIn] | None = None) -> dict[str, Any]:
     """Extend a live lease (and its step's locks); store new reasoning iterations.
 
     `cancel` is true when the workflow was cancelled or paused: the agent should stop.
+    The common case is one statement (`HEARTBEAT_SQL`); the rest, which it leaves
+    untouched, takes the transaction path, which tells them apart.
     """
+    answer = _heartbeat_at_once(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations or [])
+    if answer is not None:
+        return answer
+    return _step_heartbeat(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations)
+
+
+def _heartbeat_at_once(*, step_id: UUID, agent: Agent, lease_token: str,
+                       iterations: list[IterationIn]) -> dict[str, Any] | None:
+    """`HEARTBEAT_SQL`; None when it did not apply, or PostgreSQL refused it for a conflict (nothing written)."""
+    now = timezone.now()
+    items = list({it.index: it for it in iterations}.values())
+    params = {"now": now, "step": step_id, "agent": agent.id, "hash": tokens.token_hash(lease_token or ""),
+              "indexes": [it.index for it in items], "thoughts": [it.thought for it in items],
+              "actions": [it.action for it in items], "observations": [it.observation for it in items]}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(HEARTBEAT_SQL, params)
+            row = rows.fetch_named(cursor)
+    except OperationalError as exc:
+        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
+            raise
+        return None  # rolled back whole; the transaction path retries it
+    if row is None:
+        return None
+    if row["event_id"] is not None:
+        inserted_event_published(Event(
+            id=row["event_id"], workflow_id=row["event_workflow_id"], seq=row["event_seq"], kind="step.progress",
+            step_id=step_id, agent_id=agent.id, data=rows.json_value(row["event_data"]), at=now))
+    return {"expires_at": row["lease_expires_at"], "cancel": False}
+
+
+@lock_order.retrying
+def _step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
+                    iterations: list[IterationIn] | None = None) -> dict[str, Any]:
     now = timezone.now()
     step = lock_order.locked_step(step_id)
     attempt = held_attempt(step, agent, lease_token)

@@ -38,21 +38,21 @@ with `SKIP LOCKED` after the agent and may pass over a step whose files are
 locked, and a second project in the same pull is only *tried*
 (`pg_try_advisory_xact_lock`), never waited for.
 
-The common pull and lock release are each one statement run on its own (no
-transaction round trips); the common report and lock grant are a statement that
-takes their first locks and the statement that decides, sent together in one
-transaction (`run_after_lock`), so that the decision reads everything committed
-before those locks. Within a statement the locks are taken in the same order: a
-locking CTE is read whole (`count(*)`), since a CTE runs only as far as its
-reader reads. A statement that waits for a row it then updates checks the new
-row against the table's constraints as computed from the version its snapshot
-saw, before it waits: a relative update that a stale version would take below a
-constraint (the workflow counters) runs after a statement that took the lock.
-The one-statement pull reads in a snapshot taken before it waited for the
-agent's row, so it compares the `pull_seq` it bumped under that lock with the
-value its snapshot saw; when another pull of the agent committed in between it
-changes nothing, and the decision is taken again in a transaction that reads
-after the lock.
+The common pull, heartbeat and lock release are each one statement run on its
+own (no transaction round trips); the common report and lock grant are a
+statement that takes their first locks and the statement that decides, sent
+together in one transaction (`run_after_lock`), so that the decision reads
+everything committed before those locks. Within a statement the locks are taken
+in the same order: a locking CTE is read whole (`count(*)`), since a CTE runs
+only as far as its reader reads. A statement that waits for a row it then
+updates checks the new row against the table's constraints as computed from the
+version its snapshot saw, before it waits: a relative update that a stale
+version would take below a constraint (the workflow counters) runs after a
+statement that took the lock. The one-statement pull reads in a snapshot taken
+before it waited for the agent's row, so it compares the `pull_seq` it bumped
+under that lock with the value its snapshot saw; when another pull of the agent
+committed in between it changes nothing, and the decision is taken again in a
+transaction that reads after the lock.
 
 What PostgreSQL still refuses (a deadlock, a serialization failure, a lock wait
 timeout) is retried by `retrying` in a new transaction, a bounded number of

@@ -5,8 +5,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from coordination.models import Event, Iteration, Step
-from coordination.services import workflow_creation
+from coordination.models import Event, FileLock, Iteration, Step
+from coordination.services import leases, workflow_creation
+from coordination.services.leases import IterationIn
 from coordination.tests.agent_calls import heartbeat, pull
 
 pytestmark = pytest.mark.django_db
@@ -43,3 +44,41 @@ class HeartbeatTests:
         workflow_creation.workflow_create(spec=workflow_spec(step("A")))
         step_id, _ = pull(developer)
         assert heartbeat(developer, step_id, "ls_forged").status_code == 409
+
+    def test_the_common_heartbeat_is_one_statement_that_carries_the_steps_locks_along(
+            self, developer, step, workflow_spec, django_assert_num_queries, monkeypatch):
+        workflow = workflow_creation.workflow_create(spec=workflow_spec(
+            step("A", lease_ttl_s=60, files=(("src/a.py", "write"),))))
+        step_id, token = pull(developer)
+        soon = timezone.now() + timedelta(seconds=5)
+        Step.objects.filter(id=step_id).update(lease_expires_at=soon)
+        FileLock.objects.filter(step_id=step_id).update(expires_at=soon)
+        published = []
+        monkeypatch.setattr(leases, "inserted_event_published", published.append)
+        with django_assert_num_queries(1):
+            answer = leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token, iterations=[
+                IterationIn(index=1, thought="look", action="list_files"), IterationIn(index=2, action="write_file")])
+        lease_end = Step.objects.get(id=step_id).lease_expires_at
+        assert answer == {"expires_at": lease_end, "cancel": False} and lease_end > soon + timedelta(seconds=50)
+        assert FileLock.objects.get(step_id=step_id).expires_at == lease_end, "the lease's locks follow it"
+        stored = Event.objects.get(kind="step.progress")
+        assert [(e.id, e.seq, e.workflow_id, e.step_id, e.agent_id, e.data) for e in published] == [
+            (stored.id, stored.seq, workflow.id, step_id, developer.agent.id,
+             {"step": "A", "attempt": 1, "iterations": [1, 2]})]
+        assert list(Iteration.objects.order_by("index").values_list("index", "thought", "action")) == [
+            (1, "look", "list_files"), (2, "", "write_file")]
+        published.clear()
+        with django_assert_num_queries(1):  # a retried heartbeat: nothing new, no event
+            leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token,
+                                  iterations=[IterationIn(index=2, action="write_file")])
+        assert not published and Iteration.objects.count() == 2
+
+    def test_a_heartbeat_the_statement_does_not_apply_to_writes_nothing_and_is_told_apart(
+            self, developer, other_developer, step, workflow_spec):
+        workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("src/a.py", "write"),))))
+        step_id, token = pull(developer)
+        before = (Step.objects.get(id=step_id).lease_expires_at, FileLock.objects.get(step_id=step_id).expires_at)
+        assert heartbeat(other_developer, step_id, token).status_code == 403  # never held it
+        assert heartbeat(developer, step_id, "ls_forged").status_code == 409
+        assert (Step.objects.get(id=step_id).lease_expires_at, FileLock.objects.get(step_id=step_id).expires_at) == before
+        assert not Iteration.objects.exists() and not Event.objects.filter(kind="step.progress").exists()
