@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import OperationalError, connection
+from django.db import connection
 from django.utils import timezone
 
 from coordination import notify, rows, tracing
@@ -23,11 +23,27 @@ from coordination.services.workflow_counters import add, new_event, settle_workf
 SWEEP_BATCH = 1000
 
 # Plain SQL: many iterations in one INSERT from arrays, skipping those stored already, reporting which were new.
-INSERT_ITERATIONS_SQL = """
-INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
-SELECT %(attempt)s, u.i, u.t, u.a, u.o, statement_timestamp()
-FROM unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[]) AS u(i, t, a, o)
-ON CONFLICT (attempt_id, "index") DO NOTHING
+def insert_iterations_sql(attempt: str, *, joined: str = "") -> str:
+    """SQL inserting the iterations in the array parameters `indexes`, `thoughts`, `actions` and `observations`
+    for the attempt `attempt` (an SQL expression, over the relations `joined`, if any), skipping those stored
+    already. The statements that store iterations (a heartbeat's, a report's) all use it."""
+    source = f"{joined}, " if joined else ""
+    return f"""INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
+    SELECT {attempt}, u.i, u.t, u.a, u.o, statement_timestamp()
+    FROM {source}unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[])
+         AS u(i, t, a, o)
+    ON CONFLICT (attempt_id, "index") DO NOTHING"""
+
+
+def iteration_params(iterations: list[IterationIn]) -> dict[str, list]:
+    """The array parameters of `insert_iterations_sql`: one iteration per index (the last sent wins)."""
+    items = list({it.index: it for it in iterations}.values())
+    return {"indexes": [it.index for it in items], "thoughts": [it.thought for it in items],
+            "actions": [it.action for it in items], "observations": [it.observation for it in items]}
+
+
+INSERT_ITERATIONS_SQL = f"""
+{insert_iterations_sql("%(attempt)s")}
 RETURNING "index"
 """
 
@@ -37,7 +53,7 @@ RETURNING "index"
 # written before it, or at all when it did not apply. Then the step's live locks follow the lease (rule 4), the
 # new iterations are stored (a retried heartbeat repeats some) and, when there were any, a `step.progress` event.
 # No row: not the common case (a stale, foreign or cancelled lease, a paused workflow), for the transaction path.
-HEARTBEAT_SQL = """
+HEARTBEAT_SQL = f"""
 WITH step AS (
     UPDATE coordination_step s
     SET lease_expires_at = %(now)s::timestamptz + make_interval(secs => s.lease_ttl_s), updated_at = %(now)s
@@ -52,11 +68,7 @@ WITH step AS (
     WHERE l.step_id = step.id AND l.released_at IS NULL AND l.expires_at > %(now)s
     RETURNING l.id
 ), added AS (
-    INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
-    SELECT step.lease_attempt_id, u.i, u.t, u.a, u.o, statement_timestamp()
-    FROM step, unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[])
-         AS u(i, t, a, o)
-    ON CONFLICT (attempt_id, "index") DO NOTHING
+    {insert_iterations_sql("step.lease_attempt_id", joined="step")}
     RETURNING "index"
 ), event AS (
     INSERT INTO coordination_event (workflow_id, kind, step_id, agent_id, data, at)
@@ -119,14 +131,10 @@ def lease_live(step: Step, now: datetime) -> bool:
 
 def store_iterations(attempt: Attempt, iterations: list[IterationIn]) -> list[int]:
     """Store iterations not stored yet (a retried heartbeat repeats some); return the new indexes."""
-    unique = {it.index: it for it in iterations}
-    if not unique:
+    if not iterations:
         return []
-    items = list(unique.values())
     with connection.cursor() as cursor:
-        cursor.execute(INSERT_ITERATIONS_SQL, {
-            "attempt": attempt.id, "indexes": [it.index for it in items], "thoughts": [it.thought for it in items],
-            "actions": [it.action for it in items], "observations": [it.observation for it in items]})
+        cursor.execute(INSERT_ITERATIONS_SQL, {"attempt": attempt.id, **iteration_params(iterations)})
         return sorted(row["index"] for row in rows.fetch_all_named(cursor))
 
 
@@ -198,18 +206,15 @@ def _heartbeat_at_once(*, step_id: UUID, agent: Agent, lease_token: str,
                        iterations: list[IterationIn]) -> dict[str, Any] | None:
     """`HEARTBEAT_SQL`; None when it did not apply, or PostgreSQL refused it for a conflict (nothing written)."""
     now = timezone.now()
-    items = list({it.index: it for it in iterations}.values())
     params = {"now": now, "step": step_id, "agent": agent.id, "hash": tokens.token_hash(lease_token or ""),
-              "indexes": [it.index for it in items], "thoughts": [it.thought for it in items],
-              "actions": [it.action for it in items], "observations": [it.observation for it in items]}
-    try:
+              **iteration_params(iterations)}
+
+    def run() -> dict[str, Any] | None:
         with connection.cursor() as cursor:
             cursor.execute(HEARTBEAT_SQL, params)
-            row = rows.fetch_named(cursor)
-    except OperationalError as exc:
-        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
-            raise
-        return None  # rolled back whole; the transaction path retries it
+            return rows.fetch_named(cursor)
+
+    row = lock_order.unless_conflict(run)
     if row is None:
         return None
     if row["event_id"] is not None:

@@ -101,6 +101,18 @@ def conflict_reason(exc: BaseException) -> str | None:
     return RETRYABLE_SQLSTATES.get(getattr(cause, "sqlstate", None) or "")
 
 
+def unless_conflict(run: Callable[[], T]) -> T | None:
+    """`run()`, the one statement of a hot path's common case; None when PostgreSQL refused it for a conflict
+    (rolled back whole: nothing was written), for the caller to take its transaction path, which retries. In a
+    caller's transaction the refusal is raised: that transaction is the unit that failed."""
+    try:
+        return run()
+    except OperationalError as exc:
+        if connection.in_atomic_block or conflict_reason(exc) is None:
+            raise
+        return None
+
+
 def retrying(function: Callable[..., T]) -> Callable[..., T]:
     """Run a service in a transaction of its own; run it again when PostgreSQL rolled it back for a conflict.
 

@@ -96,11 +96,7 @@ WITH step AS (
     WHERE a.step_id = step.id AND {attempt_match}
     RETURNING a.id, a.number, a.started_at
 ), iterations AS (
-    INSERT INTO coordination_iteration (attempt_id, "index", thought, action, observation, created_at)
-    SELECT attempt.id, u.i, u.t, u.a, u.o, statement_timestamp()
-    FROM attempt, unnest(%(indexes)s::int[], %(thoughts)s::text[], %(actions)s::text[], %(observations)s::text[])
-         AS u(i, t, a, o)
-    ON CONFLICT (attempt_id, "index") DO NOTHING
+    {iterations_insert}
 ), released AS (
     UPDATE coordination_step s
     SET remaining_deps = s.remaining_deps - 1,
@@ -200,6 +196,8 @@ SELECT w.*, settled.status AS settled_status, step.key AS step_key, step.role AS
                                           'agent_id', agent_id, 'data', data) ORDER BY seq) FROM events) AS events
 FROM workflow w, settled, step, attempt, result
 """
+
+
 def _completion_sql(from_status: str, *, step_guard: str, attempt_match: str) -> str:
     moves = {column: "0" for column in COUNTER_COLUMNS}
     moves[STEP_COUNTER_FIELDS[from_status]] = "-1"
@@ -221,6 +219,7 @@ def _completion_sql(from_status: str, *, step_guard: str, attempt_match: str) ->
         ready_channel=notify.STEP_READY,
         locks_channel=notify.LOCKS,
         usage_cte=USAGE_CTE.strip(),
+        iterations_insert=leases.insert_iterations_sql("attempt.id", joined="attempt"),
     )
 
 
@@ -305,14 +304,10 @@ def _report_completed_at_once(*, step_id: UUID, agent: Agent, lease_token: str, 
     counters (`workflow_control.workflow_settle`; the sweep settles a workflow whose
     process died in between). Now and then it folds the workflow's deltas instead.
     """
-    try:
-        completed = _complete(step_id=step_id, from_status=StepStatus.IN_PROGRESS, outcome=outcome,
-                              agent_id=agent.id, actor={"agent": agent.name}, now=timezone.now(),
-                              lease_hash=tokens.token_hash(lease_token or ""), locked=False)
-    except OperationalError as exc:
-        if connection.in_atomic_block or lock_order.conflict_reason(exc) is None:
-            raise
-        return None  # rolled back whole; the full path retries it
+    completed = lock_order.unless_conflict(functools.partial(
+        _complete, step_id=step_id, from_status=StepStatus.IN_PROGRESS, outcome=outcome, agent_id=agent.id,
+        actor={"agent": agent.name}, now=timezone.now(), lease_hash=tokens.token_hash(lease_token or ""),
+        locked=False))
     if completed is None:
         return None
     response, workflow_id, settles = completed
@@ -352,16 +347,13 @@ def _complete(*, step_id: UUID, from_status: str, outcome: Outcome, agent_id: UU
     sent with it (`lock_order.run_after_lock`), in a transaction of its own unless the caller has one.
     """
     usage = outcome.usage
-    iterations = list({it.index: it for it in outcome.iterations}.values())
     params = {
         "now": now, "step": step_id, "agent": agent_id, "hash": lease_hash, "attempt": attempt_id,
         "actor": json.dumps(actor), "result": uuid4(),
         "final_result": outcome.final_result, "outputs": json.dumps(outcome.outputs),
         "usd": usage.cost_usd, "tokens": usage.prompt_tokens + usage.completion_tokens, "model": usage.model,
         "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-        "execution_time_s": outcome.execution_time_s, "n_completed": 1,
-        "indexes": [it.index for it in iterations], "thoughts": [it.thought for it in iterations],
-        "actions": [it.action for it in iterations], "observations": [it.observation for it in iterations],
+        "execution_time_s": outcome.execution_time_s, "n_completed": 1, **leases.iteration_params(outcome.iterations),
     }
     if locked:
         with connection.cursor() as cursor:
