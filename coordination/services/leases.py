@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,11 +48,15 @@ INSERT_ITERATIONS_SQL = f"""
 RETURNING "index"
 """
 
-# Plain SQL, the common heartbeat in one statement run on its own: the live lease's holder on a running workflow.
-# The step's UPDATE is the guard (its WHERE, checked again on the row as it is once locked) and takes the step's
-# row lock first (lock order rule 2): everything below is joined to what it returned, so nothing else is locked or
-# written before it, or at all when it did not apply. Then the step's live locks follow the lease (rule 4), the
-# new iterations are stored (a retried heartbeat repeats some) and, when there were any, a `step.progress` event.
+# Plain SQL: the step's row lock (lock order rule 2), sent with `HEARTBEAT_SQL` (`lock_order.run_after_lock`), so
+# that the heartbeat reads what was committed under that lock (a lock taken under the step meanwhile is renewed).
+LOCK_STEP_SQL = "SELECT id FROM coordination_step WHERE id = %(step)s FOR NO KEY UPDATE"
+
+# Plain SQL, the common heartbeat in one statement once the step is locked: the live lease's holder on a running
+# workflow. The step's UPDATE is the guard and everything below is joined to what it returned, so nothing is
+# written when it did not apply. The workflow's status is read, not locked (a pause committing meanwhile reaches
+# the agent with its next heartbeat). Then the step's live locks follow the lease (rule 4), the new iterations are
+# stored (a retried heartbeat repeats some) and, when there were any, a `step.progress` event.
 # No row: not the common case (a stale, foreign or cancelled lease, a paused workflow), for the transaction path.
 HEARTBEAT_SQL = f"""
 WITH step AS (
@@ -193,8 +198,8 @@ def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
     """Extend a live lease (and its step's locks); store new reasoning iterations.
 
     `cancel` is true when the workflow was cancelled or paused: the agent should stop.
-    The common case is one statement (`HEARTBEAT_SQL`); the rest, which it leaves
-    untouched, takes the transaction path, which tells them apart.
+    The common case is one round trip (`HEARTBEAT_SQL` after the step's lock); the
+    rest, which it leaves untouched, takes the transaction path, which tells them apart.
     """
     answer = _heartbeat_at_once(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations or [])
     if answer is not None:
@@ -204,19 +209,17 @@ def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
 
 def _heartbeat_at_once(*, step_id: UUID, agent: Agent, lease_token: str,
                        iterations: list[IterationIn]) -> dict[str, Any] | None:
-    """`HEARTBEAT_SQL`; None when it did not apply, or PostgreSQL refused it for a conflict (nothing written)."""
+    """`HEARTBEAT_SQL` after the step's lock; None when it did not apply, or PostgreSQL refused it for a conflict
+    (nothing written)."""
     now = timezone.now()
     params = {"now": now, "step": step_id, "agent": agent.id, "hash": tokens.token_hash(lease_token or ""),
               **iteration_params(iterations)}
 
-    def run() -> dict[str, Any] | None:
-        with connection.cursor() as cursor:
-            cursor.execute(HEARTBEAT_SQL, params)
-            return rows.fetch_named(cursor)
-
-    row = lock_order.unless_conflict(run)
-    if row is None:
+    found = lock_order.unless_conflict(functools.partial(
+        lock_order.run_after_lock, LOCK_STEP_SQL, {"step": step_id}, HEARTBEAT_SQL, params))
+    if not found:
         return None
+    row = found[0]
     if row["event_id"] is not None:
         inserted_event_published(Event(
             id=row["event_id"], workflow_id=row["event_workflow_id"], seq=row["event_seq"], kind="step.progress",

@@ -45,7 +45,7 @@ class HeartbeatTests:
         step_id, _ = pull(developer)
         assert heartbeat(developer, step_id, "ls_forged").status_code == 409
 
-    def test_the_common_heartbeat_is_one_statement_that_carries_the_steps_locks_along(
+    def test_the_common_heartbeat_is_one_round_trip_that_carries_the_steps_locks_along(
             self, developer, step, workflow_spec, django_assert_num_queries, monkeypatch):
         workflow = workflow_creation.workflow_create(spec=workflow_spec(
             step("A", lease_ttl_s=60, files=(("src/a.py", "write"),))))
@@ -55,7 +55,7 @@ class HeartbeatTests:
         FileLock.objects.filter(step_id=step_id).update(expires_at=soon)
         published = []
         monkeypatch.setattr(leases, "inserted_event_published", published.append)
-        with django_assert_num_queries(1):
+        with django_assert_num_queries(2):  # the step's lock and the heartbeat, sent together
             answer = leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token, iterations=[
                 IterationIn(index=1, thought="look", action="list_files"), IterationIn(index=2, action="write_file")])
         lease_end = Step.objects.get(id=step_id).lease_expires_at
@@ -68,7 +68,7 @@ class HeartbeatTests:
         assert list(Iteration.objects.order_by("index").values_list("index", "thought", "action")) == [
             (1, "look", "list_files"), (2, "", "write_file")]
         published.clear()
-        with django_assert_num_queries(1):  # a retried heartbeat: nothing new, no event
+        with django_assert_num_queries(2):  # a retried heartbeat: nothing new, no event
             leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token,
                                   iterations=[IterationIn(index=2, action="write_file")])
         assert not published and Iteration.objects.count() == 2
@@ -78,7 +78,8 @@ class HeartbeatTests:
         workflow_creation.workflow_create(spec=workflow_spec(step("A", files=(("src/a.py", "write"),))))
         step_id, token = pull(developer)
         before = (Step.objects.get(id=step_id).lease_expires_at, FileLock.objects.get(step_id=step_id).expires_at)
-        assert heartbeat(other_developer, step_id, token).status_code == 403  # never held it
-        assert heartbeat(developer, step_id, "ls_forged").status_code == 409
+        iterations = [{"iteration": 1, "thought": "t", "action": "a", "observation": "o"}]
+        assert heartbeat(other_developer, step_id, token, iterations=iterations).status_code == 403  # never held it
+        assert heartbeat(developer, step_id, "ls_forged", iterations=iterations).status_code == 409
         assert (Step.objects.get(id=step_id).lease_expires_at, FileLock.objects.get(step_id=step_id).expires_at) == before
         assert not Iteration.objects.exists() and not Event.objects.filter(kind="step.progress").exists()

@@ -168,6 +168,29 @@ class OneStatementReportRaceTests:
         assert (lock.released_at is not None, lock.release_reason) == (True, "completed")
         assert Event.objects.filter(kind="locks.released", step_id=step_id).count() == 1
 
+    def test_a_lock_taken_under_the_step_while_its_heartbeat_waits_follows_the_lease(self, developer, step,
+                                                                                      workflow_spec, monkeypatch):
+        from coordination.services import leases
+        from coordination.tests.agent_calls import pull as api_pull
+
+        workflow_creation.workflow_create(spec=workflow_spec(step("A", lease_ttl_s=60)))
+        step_id, token = api_pull(developer)
+        published = []
+        monkeypatch.setattr(leases, "inserted_event_published", published.append)
+        thread, errors = _grant_held_until_someone_waits(agent=developer.agent, project_name=None,
+                                                         paths=["src/a.py"], step_id=step_id, lease_token=token)
+        # The heartbeat waits for the step's row while the lock commits; it must see the lock and renew it.
+        answer = leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token,
+                                       iterations=[leases.IterationIn(index=1, action="write_file")])
+        thread.join(10)
+        assert not errors, errors
+        assert answer["cancel"] is False
+        assert FileLock.objects.get(path="src/a.py").expires_at == answer["expires_at"] \
+            == Step.objects.get(id=step_id).lease_expires_at
+        # Out of any transaction (the common case on a server): committed, and its event handed over to publish.
+        stored = Event.objects.get(kind="step.progress", step_id=step_id)
+        assert [(e.id, e.seq, e.data["iterations"]) for e in published] == [(stored.id, stored.seq, [1])]
+
 
 class RunAfterLockTests:
     def test_a_failing_statement_rolls_the_pair_back_and_leaves_the_connection_usable(self):
