@@ -220,13 +220,14 @@ class Mirror:
     def _refresh(self, paths: list[str]) -> None:
         state = self._load_state()
         for path in paths:
-            # A file the mirror holds as last synced is asked for with its sha256: no body comes back unless the
-            # server's differs. One edited here since (its size or mtime moved) is fetched whole and replaced.
-            known = self._synced_entry(state, path)
-            content = self.client.file_bytes(self.project, path, unless_sha256=known["sha256"] if known else None)
+            # Asked for with the sha256 of the mirror's copy (hashed now: an edit may keep its size and mtime):
+            # no body comes back while the server's file is the same.
+            target = self.root / path
+            local = _sha256_file(target) if target.is_file() and not target.is_symlink() else None
+            content = self.client.file_bytes(self.project, path, unless_sha256=local)
             if content is UNCHANGED:
-                continue
-            if content is None:
+                state[path] = self._entry(path, local)
+            elif content is None:
                 self._remove(path)
                 state.pop(path, None)
             else:

@@ -126,6 +126,12 @@ class MirrorSyncTests:
         client.answers.clear()
         mirror.refresh(["a.txt"])
         assert client.answers == [(200, 3000)] and (mirror.root / "a.txt").read_bytes() == b"b" * 3000
+        synced = (mirror.root / "a.txt").stat()
+        (mirror.root / "a.txt").write_bytes(b"c" * 3000)  # same size, and the mtime put back: still told apart
+        os.utime(mirror.root / "a.txt", ns=(synced.st_atime_ns, synced.st_mtime_ns))
+        client.answers.clear()
+        mirror.refresh(["a.txt"])
+        assert client.answers == [(200, 3000)] and (mirror.root / "a.txt").read_bytes() == b"b" * 3000
         workspace.workspace_write(project_name="rereads", agent=intruder.agent,
                                   changes=[workspace.Change("a.txt", None, lock.fencing)])
         mirror.refresh(["a.txt"])

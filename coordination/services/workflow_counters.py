@@ -172,11 +172,11 @@ def workflow_move(
     spent_usd: Decimal = Decimal(0),
     spent_tokens: int = 0,
 ) -> WorkflowSnapshot:
-    """Apply step-count deltas and add spend to the workflow row, folding its deltas in, in one statement.
+    """Apply step-count deltas and add spend to the workflow row, folding its deltas in, in one round trip.
 
-    It takes the workflow row's lock (late in the lock order) and its deltas';
-    its cost does not depend on the number of steps. The snapshot it returns
-    counts every change committed before the statement began, and this one.
+    It takes the workflow row's lock (late in the lock order) in a statement of its
+    own, then its deltas'; its cost does not depend on the number of steps. The
+    snapshot it returns counts every change committed before the lock, and this one.
     """
     params: dict[str, Any] = {column: 0 for column in COUNTER_COLUMNS}
     for status, delta in moves.items():
@@ -190,7 +190,9 @@ def workflow_move(
 
 def workflow_fold(workflow_ids: list[UUID]) -> int:
     """Fold the deltas of these workflows into their rows, skipping any row another transaction holds (it
-    never waits). Returns how many rows it folded. Reads stay exact either way; folding keeps them cheap."""
+    never waits). Returns how many rows it folded. Reads stay exact either way; folding keeps them cheap.
+    A transaction of two round trips: the rows are held while the fold's statement runs, a `workflow_move`
+    of one of them waits that long (1 in 32 fast reports folds, and the sweep)."""
     if not workflow_ids:
         return 0
     # Two round trips: the fold runs on the rows the first statement locked, and only on those (a row freed in
