@@ -584,13 +584,6 @@ def lock_renew(*, lock_id: UUID, ttl_s: int, agent: Agent | None = None,
     return lock
 
 
-def lock_renew_for_step(*, step: Step, expires_at: datetime) -> int:
-    """A heartbeat carries the step's locks along with its lease (the caller holds the step's row lock)."""
-    return FileLock.objects.filter(step=step, released_at__isnull=True, expires_at__gt=timezone.now()).update(
-        expires_at=expires_at
-    )
-
-
 def lock_release_for_step(*, step: Step, reason: str) -> int:
     return lock_release_for_steps(step_ids=[step.id], reason=reason)
 

@@ -52,12 +52,13 @@ RETURNING "index"
 # that the heartbeat reads what was committed under that lock (a lock taken under the step meanwhile is renewed).
 LOCK_STEP_SQL = "SELECT id FROM coordination_step WHERE id = %(step)s FOR NO KEY UPDATE"
 
-# Plain SQL, the common heartbeat in one statement once the step is locked: the live lease's holder on a running
-# workflow. The step's UPDATE is the guard and everything below is joined to what it returned, so nothing is
-# written when it did not apply. The workflow's status is read, not locked (a pause committing meanwhile reaches
-# the agent with its next heartbeat). Then the step's live locks follow the lease (rule 4), the new iterations are
-# stored (a retried heartbeat repeats some) and, when there were any, a `step.progress` event.
-# No row: not the common case (a stale, foreign or cancelled lease, a paused workflow), for the transaction path.
+# Plain SQL, a heartbeat in one statement once the step is locked: the live lease's holder on a running or paused
+# workflow (paused: the lease is extended and the agent asked to stop). The step's UPDATE is the guard and
+# everything below is joined to what it returned, so nothing is written when it did not apply. The workflow's
+# status is read, not locked (a pause committing meanwhile reaches the agent with its next heartbeat). Then the
+# step's live locks follow the lease (rule 4), the new iterations are stored (a retried heartbeat repeats some)
+# and, when there were any, a `step.progress` event. No row: a stale, foreign or cancelled lease, which the
+# transaction path tells apart; it runs this statement too once it has found the lease live.
 HEARTBEAT_SQL = f"""
 WITH step AS (
     UPDATE coordination_step s
@@ -65,8 +66,9 @@ WITH step AS (
     FROM coordination_workflow w
     WHERE s.id = %(step)s AND s.status = 'in_progress' AND s.lease_agent_id = %(agent)s
       AND s.lease_token_hash = %(hash)s AND s.lease_expires_at > %(now)s
-      AND w.id = s.workflow_id AND w.status = 'running'
-    RETURNING s.id, s.key, s.workflow_id, s.attempt, s.lease_attempt_id, s.lease_expires_at
+      AND w.id = s.workflow_id AND w.status IN ('running', 'paused')
+    RETURNING s.id, s.key, s.workflow_id, s.attempt, s.lease_attempt_id, s.lease_expires_at,
+              w.status = 'paused' AS paused
 ), renewed AS (
     UPDATE coordination_filelock l SET expires_at = step.lease_expires_at
     FROM step
@@ -85,7 +87,7 @@ WITH step AS (
     WHERE EXISTS (SELECT 1 FROM added)
     RETURNING id, seq, workflow_id, data
 )
-SELECT step.lease_expires_at, (SELECT count(*) FROM renewed) AS renewed,
+SELECT step.lease_expires_at, step.paused, (SELECT count(*) FROM renewed) AS renewed,
        e.id AS event_id, e.seq AS event_seq, e.workflow_id AS event_workflow_id, e.data AS event_data
 FROM step LEFT JOIN event e ON true
 """
@@ -198,60 +200,60 @@ def step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
     """Extend a live lease (and its step's locks); store new reasoning iterations.
 
     `cancel` is true when the workflow was cancelled or paused: the agent should stop.
-    The common case is one round trip (`HEARTBEAT_SQL` after the step's lock); the
-    rest, which it leaves untouched, takes the transaction path, which tells them apart.
+    A live lease's heartbeat is one round trip (`HEARTBEAT_SQL` after the step's
+    lock); the rest, which it leaves untouched, takes the transaction path, which
+    tells them apart.
     """
-    answer = _heartbeat_at_once(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations or [])
-    if answer is not None:
-        return answer
-    return _step_heartbeat(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations)
-
-
-def _heartbeat_at_once(*, step_id: UUID, agent: Agent, lease_token: str,
-                       iterations: list[IterationIn]) -> dict[str, Any] | None:
-    """`HEARTBEAT_SQL` after the step's lock; None when it did not apply, or PostgreSQL refused it for a conflict
-    (nothing written)."""
     now = timezone.now()
-    params = {"now": now, "step": step_id, "agent": agent.id, "hash": tokens.token_hash(lease_token or ""),
-              **iteration_params(iterations)}
-
+    params = _heartbeat_params(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations or [],
+                               now=now)
     found = lock_order.unless_conflict(functools.partial(
         lock_order.run_after_lock, LOCK_STEP_SQL, {"step": step_id}, HEARTBEAT_SQL, params))
-    if not found:
-        return None
-    row = found[0]
+    if found:
+        return _heartbeat_answer(found[0], step_id=step_id, agent=agent, now=now)
+    return _step_heartbeat(step_id=step_id, agent=agent, lease_token=lease_token, iterations=iterations or [])
+
+
+def _heartbeat_params(*, step_id: UUID, agent: Agent, lease_token: str, iterations: list[IterationIn],
+                      now: datetime) -> dict[str, Any]:
+    return {"now": now, "step": step_id, "agent": agent.id, "hash": tokens.token_hash(lease_token or ""),
+            **iteration_params(iterations)}
+
+
+def _heartbeat_answer(row: dict[str, Any], *, step_id: UUID, agent: Agent, now: datetime) -> dict[str, Any]:
+    """The answer to a heartbeat `HEARTBEAT_SQL` applied; its event published once its transaction commits."""
     if row["event_id"] is not None:
         inserted_event_published(Event(
             id=row["event_id"], workflow_id=row["event_workflow_id"], seq=row["event_seq"], kind="step.progress",
             step_id=step_id, agent_id=agent.id, data=rows.json_value(row["event_data"]), at=now))
-    return {"expires_at": row["lease_expires_at"], "cancel": False}
+    return {"expires_at": row["lease_expires_at"], "cancel": row["paused"]}
 
 
 @lock_order.retrying
 def _step_heartbeat(*, step_id: UUID, agent: Agent, lease_token: str,
-                    iterations: list[IterationIn] | None = None) -> dict[str, Any]:
+                    iterations: list[IterationIn]) -> dict[str, Any]:
+    """What `HEARTBEAT_SQL` left untouched, under the step's lock: the right refusal, or `cancel` for a cancelled
+    step or workflow; a lease found live (the statement met a conflict, or the lease changed in between) gets
+    the same statement."""
     now = timezone.now()
     step = lock_order.locked_step(step_id)
-    attempt = held_attempt(step, agent, lease_token)
-    workflow = step.workflow
-    if step.status == StepStatus.CANCELLED or workflow.status == WorkflowStatus.CANCELLED:
-        return {"expires_at": now, "cancel": True}
+    held_attempt(step, agent, lease_token)
+    if step.status == StepStatus.CANCELLED or step.workflow.status not in (WorkflowStatus.RUNNING,
+                                                                          WorkflowStatus.PAUSED):
+        return {"expires_at": now, "cancel": True}  # cancelled (or finished): the agent stops
     if not lease_live(step, now):
         raise StaleLease(
             f"The lease on step {step.key!r} expired at {step.lease_expires_at:%Y-%m-%dT%H:%M:%SZ}; "
             "drop the work and pull another step.",
             step_status=step.status,
         )
-    step.lease_expires_at = now + timedelta(seconds=step.lease_ttl_s)
-    step.save(update_fields=["lease_expires_at", "updated_at"])
-    file_locks.lock_renew_for_step(step=step, expires_at=step.lease_expires_at)
-    added = store_iterations(attempt, iterations or [])
-    if added:
-        event_log.event_record_many([
-            new_event("step.progress", workflow_id=step.workflow_id, step=step, agent_id=agent.id,
-                      data={"attempt": attempt.number, "iterations": added})
-        ])
-    return {"expires_at": step.lease_expires_at, "cancel": workflow.status == WorkflowStatus.PAUSED}
+    with connection.cursor() as cursor:
+        cursor.execute(HEARTBEAT_SQL, _heartbeat_params(step_id=step_id, agent=agent, lease_token=lease_token,
+                                                        iterations=iterations, now=now))
+        row = rows.fetch_named(cursor)
+    if row is None:
+        raise AssertionError(f"step {step_id}'s live lease changed under its lock")
+    return _heartbeat_answer(row, step_id=step_id, agent=agent, now=now)
 
 
 @lock_order.retrying

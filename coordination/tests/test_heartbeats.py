@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 
 from coordination.models import Event, FileLock, Iteration, Step
-from coordination.services import leases, workflow_creation
+from coordination.services import leases, workflow_control, workflow_creation
 from coordination.services.leases import IterationIn
 from coordination.tests.agent_calls import heartbeat, pull
 
@@ -72,6 +72,11 @@ class HeartbeatTests:
             leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token,
                                   iterations=[IterationIn(index=2, action="write_file")])
         assert not published and Iteration.objects.count() == 2
+        # Paused: still one round trip; the lease goes on (the step may be handed back) and the agent is asked to stop.
+        workflow_control.workflow_pause(workflow_id=workflow.id)
+        with django_assert_num_queries(2):
+            paused = leases.step_heartbeat(step_id=step_id, agent=developer.agent, lease_token=token)
+        assert paused["cancel"] is True and paused["expires_at"] == Step.objects.get(id=step_id).lease_expires_at
 
     def test_a_heartbeat_the_statement_does_not_apply_to_writes_nothing_and_is_told_apart(
             self, developer, other_developer, step, workflow_spec):
@@ -81,5 +86,23 @@ class HeartbeatTests:
         iterations = [{"iteration": 1, "thought": "t", "action": "a", "observation": "o"}]
         assert heartbeat(other_developer, step_id, token, iterations=iterations).status_code == 403  # never held it
         assert heartbeat(developer, step_id, "ls_forged", iterations=iterations).status_code == 409
-        assert (Step.objects.get(id=step_id).lease_expires_at, FileLock.objects.get(step_id=step_id).expires_at) == before
+        after = (Step.objects.get(id=step_id).lease_expires_at, FileLock.objects.get(step_id=step_id).expires_at)
+        assert after == before
         assert not Iteration.objects.exists() and not Event.objects.filter(kind="step.progress").exists()
+
+    def test_a_heartbeat_refused_for_a_conflict_is_applied_by_the_transaction_path(
+            self, developer, step, workflow_spec, monkeypatch):
+        workflow_creation.workflow_create(spec=workflow_spec(
+            step("A", lease_ttl_s=60, files=(("src/a.py", "write"),))))
+        step_id, token = pull(developer)
+        soon = timezone.now() + timedelta(seconds=5)
+        Step.objects.filter(id=step_id).update(lease_expires_at=soon)
+        # As if PostgreSQL had refused the one-round-trip statement (a deadlock, a lock timeout): nothing written.
+        monkeypatch.setattr(leases.lock_order, "unless_conflict", lambda run: None)
+        answer = heartbeat(developer, step_id, token, iterations=[{"iteration": 1, "action": "a"}])
+        assert answer.status_code == 200 and answer.json()["cancel"] is False
+        lease_end = Step.objects.get(id=step_id).lease_expires_at
+        assert lease_end > soon + timedelta(seconds=50)
+        assert FileLock.objects.get(step_id=step_id).expires_at == lease_end
+        assert list(Iteration.objects.values_list("index", flat=True)) == [1]
+        assert Event.objects.get(kind="step.progress").data["iterations"] == [1]
