@@ -2,7 +2,6 @@
 agent's `pull_seq` (a pull that committed meanwhile is noticed) and the lock order of the step rows."""
 
 import threading
-import time
 
 import pytest
 from django.db import connection, connections, transaction
@@ -12,19 +11,9 @@ from coordination.errors import AtCapacity, LockConflict
 from coordination.models import Event, FileLock, Step, StepStatus, Workflow
 from coordination.services import file_locks, lock_order, pull, workflow_creation
 from coordination.services.lock_order import Along
+from coordination.tests.lock_waits import wait_until_a_backend_waits_on_a_lock
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _wait_until_a_backend_waits_on_a_lock(cursor, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                       "AND wait_event_type = 'Lock'")
-        if cursor.fetchone()[0]:
-            return
-        time.sleep(0.01)
-    raise AssertionError("no backend came to wait on a lock")
 
 
 def _in_thread(target) -> tuple[threading.Thread, list]:
@@ -54,7 +43,7 @@ def _grant_held_until_someone_waits(*, agent, project_name, paths, step_id=None,
             assert attempt.granted
             granted.set()
             with connection.cursor() as cursor:
-                _wait_until_a_backend_waits_on_a_lock(cursor)
+                wait_until_a_backend_waits_on_a_lock(cursor)
 
     thread, errors = _in_thread(grant)
     assert granted.wait(10), errors
@@ -99,7 +88,7 @@ class OneStatementPullTests:
                 assert len(leases) == 1
                 granted.set()
                 with connection.cursor() as cursor:
-                    _wait_until_a_backend_waits_on_a_lock(cursor)
+                    wait_until_a_backend_waits_on_a_lock(cursor)
 
         thread, errors = _in_thread(other_pull_of_the_same_agent)
         assert granted.wait(10)

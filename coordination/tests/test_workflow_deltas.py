@@ -9,7 +9,6 @@ so a reader that goes on from the last `seq` it saw misses nothing.
 
 import re
 import threading
-import time
 from collections import Counter
 
 import psycopg
@@ -20,6 +19,7 @@ from coordination import models, selectors
 from coordination.models import LIVE_FIELDS, Event, Step, StepStatus, Workflow, WorkflowDelta
 from coordination.services import event_log, workflow_counters, workflow_creation
 from coordination.tests.agent_calls import pull, report
+from coordination.tests.lock_waits import wait_until_a_backend_waits_on_a_lock
 
 ROW = ["n_pending", "n_ready", "n_in_progress", "n_completed", "spent_usd", "spent_tokens"]
 
@@ -185,25 +185,14 @@ class NoWaitOnTheWorkflowRowTests:
             folder.execute(workflow_counters.WORKFLOW_FOLD_SQL, {"workflows": [workflow.id]})
             mover = threading.Thread(target=take_back)
             mover.start()
-            _wait_for_a_lock_wait()
+            with _other_connection() as watcher:
+                watcher.autocommit = True  # pg_stat_activity is read afresh in each transaction
+                wait_until_a_backend_waits_on_a_lock(watcher.cursor())
             folder.commit()
         mover.join(10)
         assert "error" not in outcome, outcome.get("error")
         assert outcome["snapshot"].counts["in_progress"] == 0 and outcome["snapshot"].counts["ready"] == 1
         assert _live(workflow.id)[:4] == (0, 1, 0, 0) and not WorkflowDelta.objects.filter(workflow=workflow).exists()
-
-
-def _wait_for_a_lock_wait() -> None:
-    """Until another backend of this database waits for a lock (10 s at most)."""
-    with _other_connection() as watcher:
-        watcher.autocommit = True
-        for _ in range(200):
-            waiting = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                      "AND wait_event_type = 'Lock'").fetchone()[0]
-            if waiting:
-                return
-            time.sleep(0.05)
-    raise AssertionError("nobody waited for a lock")
 
 
 @pytest.mark.django_db(transaction=True)
