@@ -47,8 +47,9 @@ PROJECT_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": 
 ROLE_SCHEMA = {"type": "string", "pattern": ROLE_PATTERN}
 KEY_SCHEMA = {"type": "string", "pattern": KEY_PATTERN}
 # Every text field refuses NUL (DRF's CharField; PostgreSQL cannot store it); one that trims whitespace and
-# may not be blank also refuses text that is only whitespace.
-NOT_BLANK = r"^[^\x00]*[^\x00\s][^\x00]*$"
+# may not be blank also refuses text that is only whitespace: what Python's strip() removes, which is more than
+# `\s` in a client's ECMAScript regex (the information separators U+001C-U+001F and NEL U+0085), so they are named.
+NOT_BLANK = r"^[^\x00]*[^\x00\s\x1c-\x1f\x85][^\x00]*$"
 # Path parameters, by name: Django's converters take more than the views accept.
 PATH_PARAMETERS = {
     "project": {"type": "string", "pattern": r"^[-a-zA-Z0-9_]+$"},
